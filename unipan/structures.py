@@ -1,0 +1,457 @@
+"""The types that cross module lines: class metadata, targets, batches, predictions, results.
+
+Id spaces (never mix them without a map from `DatasetMeta`):
+
+- dataset category id (`category_id`): the id of the COCO-panoptic `categories` list (COCO: 1..200).
+- thing index (`thing_index`): contiguous 0..T-1 over the thing categories, in list order.
+- stuff index (`stuff_index`): contiguous 0..S-1 over the stuff categories, in list order.
+- class index (`class_index`): the all-classes space used by `sem_seg`: stuff first (0..S-1),
+  then things (S..S+T-1). `IGNORE_LABEL` (255) marks void and crowd pixels.
+- segment id: the value of a pixel in a panoptic id map (`R + 256 G + 256^2 B`); 0 is void.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+IGNORE_LABEL = 255
+"""Label of pixels that no loss or metric counts: void, crowd, padding."""
+
+VOID_ID = 0
+"""Segment id of unlabelled pixels in a panoptic id map."""
+
+
+@dataclass(frozen=True)
+class CategoryInfo:
+    """One entry of a COCO-panoptic `categories` list."""
+
+    id: int
+    name: str
+    isthing: bool
+    color: tuple[int, int, int]
+    supercategory: str = ""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CategoryInfo:
+        try:
+            color = d.get("color", (128, 128, 128))
+            return cls(
+                id=int(d["id"]),
+                name=str(d["name"]),
+                isthing=bool(int(d["isthing"])),
+                color=(int(color[0]), int(color[1]), int(color[2])),
+                supercategory=str(d.get("supercategory", "")),
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise ValueError(f"bad category entry {d!r}: {e}") from e
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "isthing": int(self.isthing),
+            "color": list(self.color),
+            "supercategory": self.supercategory,
+        }
+
+
+class DatasetMeta:
+    """Class information of a dataset, built from its COCO-panoptic `categories` list.
+
+    The dataset owns this; models size their class outputs from it and never hard-code counts.
+
+    Attributes:
+        categories: all categories, in the order of the source list.
+        thing_categories: the thing categories in list order; position = thing index.
+        stuff_categories: the stuff categories in list order; position = stuff index.
+    """
+
+    def __init__(self, categories: Iterable[CategoryInfo | dict[str, Any]], name: str = "") -> None:
+        cats = [c if isinstance(c, CategoryInfo) else CategoryInfo.from_dict(c) for c in categories]
+        ids = [c.id for c in cats]
+        if len(set(ids)) != len(ids):
+            dup = sorted({i for i in ids if ids.count(i) > 1})
+            raise ValueError(f"categories list has duplicate ids {dup}")
+        if any(i == VOID_ID for i in ids):
+            raise ValueError("category id 0 is reserved for void")
+        self.name = name
+        self.categories: list[CategoryInfo] = cats
+        self.thing_categories = [c for c in cats if c.isthing]
+        self.stuff_categories = [c for c in cats if not c.isthing]
+        self._by_id = {c.id: c for c in cats}
+        self._thing_index = {c.id: i for i, c in enumerate(self.thing_categories)}
+        self._stuff_index = {c.id: i for i, c in enumerate(self.stuff_categories)}
+        s = len(self.stuff_categories)
+        self._class_index = {**self._stuff_index, **{k: s + v for k, v in self._thing_index.items()}}
+        self.class_index_to_dataset_id: list[int] = [c.id for c in self.stuff_categories] + [
+            c.id for c in self.thing_categories
+        ]
+
+    # --- sizes -------------------------------------------------------------------------------
+    @property
+    def num_things(self) -> int:
+        return len(self.thing_categories)
+
+    @property
+    def num_stuff(self) -> int:
+        return len(self.stuff_categories)
+
+    @property
+    def num_classes(self) -> int:
+        """Size of the all-classes space (stuff + things)."""
+        return len(self.categories)
+
+    @property
+    def thing_dataset_ids(self) -> list[int]:
+        return [c.id for c in self.thing_categories]
+
+    @property
+    def stuff_dataset_ids(self) -> list[int]:
+        return [c.id for c in self.stuff_categories]
+
+    # --- maps --------------------------------------------------------------------------------
+    def __contains__(self, category_id: int) -> bool:
+        return category_id in self._by_id
+
+    def category(self, category_id: int) -> CategoryInfo:
+        try:
+            return self._by_id[category_id]
+        except KeyError:
+            raise KeyError(f"unknown category id {category_id} (dataset {self.name!r})") from None
+
+    def isthing(self, category_id: int) -> bool:
+        return self.category(category_id).isthing
+
+    def thing_index(self, category_id: int) -> int:
+        """Dataset category id -> contiguous thing index (KeyError for stuff or unknown)."""
+        try:
+            return self._thing_index[category_id]
+        except KeyError:
+            raise KeyError(f"category id {category_id} is not a thing category") from None
+
+    def stuff_index(self, category_id: int) -> int:
+        """Dataset category id -> contiguous stuff index (KeyError for things or unknown)."""
+        try:
+            return self._stuff_index[category_id]
+        except KeyError:
+            raise KeyError(f"category id {category_id} is not a stuff category") from None
+
+    def class_index(self, category_id: int) -> int:
+        """Dataset category id -> index in the all-classes space (stuff first, then things)."""
+        try:
+            return self._class_index[category_id]
+        except KeyError:
+            raise KeyError(f"unknown category id {category_id} (dataset {self.name!r})") from None
+
+    def thing_dataset_id(self, thing_index: int) -> int:
+        return self.thing_categories[thing_index].id
+
+    def stuff_dataset_id(self, stuff_index: int) -> int:
+        return self.stuff_categories[stuff_index].id
+
+    def color(self, category_id: int) -> tuple[int, int, int]:
+        return self.category(category_id).color
+
+    def class_index_lut(self) -> Tensor:
+        """LongTensor[max_id + 1]: dataset category id -> class index, IGNORE_LABEL elsewhere."""
+        lut = torch.full((max(self._by_id) + 1,), IGNORE_LABEL, dtype=torch.long)
+        for cid, k in self._class_index.items():
+            lut[cid] = k
+        return lut
+
+    # --- (de)serialisation -------------------------------------------------------------------
+    @classmethod
+    def from_coco_categories(cls, categories: Sequence[dict[str, Any]], name: str = "") -> DatasetMeta:
+        return cls(categories, name=name)
+
+    def to_coco_categories(self) -> list[dict[str, Any]]:
+        return [c.to_dict() for c in self.categories]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DatasetMeta) and self.categories == other.categories
+
+    def __repr__(self) -> str:
+        return f"DatasetMeta({self.name!r}, things={self.num_things}, stuff={self.num_stuff})"
+
+
+@dataclass
+class SegmentInfo:
+    """One segment of a panoptic id map (a COCO-panoptic `segments_info` entry).
+
+    Ground truth fills `iscrowd`, `area` and `bbox`; predictions fill `score`.
+    """
+
+    id: int
+    category_id: int
+    isthing: bool
+    iscrowd: bool = False
+    area: int = 0
+    bbox: tuple[int, int, int, int] = (0, 0, 0, 0)  # x, y, w, h in pixels, COCO style
+    score: float = 1.0
+
+    def to_coco_dict(self) -> dict[str, Any]:
+        """The `segments_info` entry as panopticapi writes and reads it."""
+        return {
+            "id": int(self.id),
+            "category_id": int(self.category_id),
+            "iscrowd": int(self.iscrowd),
+            "area": int(self.area),
+            "bbox": [int(v) for v in self.bbox],
+        }
+
+
+@dataclass
+class PanopticTarget:
+    """The canonical ground truth of one image; every model derives its own loss targets from it.
+
+    All spatial fields share the image's size H x W (after transforms).
+
+    Attributes:
+        image_id: the image's id (COCO `image_id`, or file stem).
+        panoptic: IntTensor[H, W] (int32) segment ids; 0 = void.
+        segments: the segments of `panoptic`, crowd included.
+        sem_seg: LongTensor[H, W] class index (stuff first, then things); 255 on void and crowd.
+        boxes: FloatTensor[N, 4] xyxy pixel boxes of the non-crowd thing instances (x1, y1
+            exclusive, i.e. tight box of the mask's pixels is [x0, y0, x1+1, y1+1]).
+        labels: LongTensor[N] thing index of each instance.
+        masks: BoolTensor[N, H, W] instance masks.
+        crowd: BoolTensor[H, W] pixels of crowd segments.
+        instance_ids: LongTensor[N] the segment id of each instance in `panoptic`.
+    """
+
+    image_id: str
+    panoptic: Tensor
+    segments: list[SegmentInfo]
+    sem_seg: Tensor
+    boxes: Tensor
+    labels: Tensor
+    masks: Tensor
+    crowd: Tensor
+    instance_ids: Tensor
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return (int(self.panoptic.shape[-2]), int(self.panoptic.shape[-1]))
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+    def to(self, device: torch.device | str) -> PanopticTarget:
+        return replace(
+            self,
+            panoptic=self.panoptic.to(device),
+            sem_seg=self.sem_seg.to(device),
+            boxes=self.boxes.to(device),
+            labels=self.labels.to(device),
+            masks=self.masks.to(device),
+            crowd=self.crowd.to(device),
+            instance_ids=self.instance_ids.to(device),
+        )
+
+    @classmethod
+    def from_panoptic(
+        cls,
+        panoptic: Tensor,
+        segments: Sequence[SegmentInfo],
+        meta: DatasetMeta,
+        image_id: str = "",
+    ) -> PanopticTarget:
+        """Derive every field from an id map and its segments.
+
+        Transforms act on the image and the id map only and call this afterwards, so sem_seg,
+        masks, boxes and crowd can never drift apart. Segments whose pixels were all cropped away
+        are dropped; `area` and `bbox` of the rest are recomputed.
+
+        Args:
+            panoptic: IntTensor[H, W] segment ids, 0 = void.
+            segments: segment infos; an id of `panoptic` missing here raises ValueError.
+            meta: class information (category ids must be known to it).
+            image_id: for error messages and bookkeeping.
+        """
+        panoptic = panoptic.to(torch.int32)
+        h, w = panoptic.shape
+        sem_seg = torch.full((h, w), IGNORE_LABEL, dtype=torch.long)
+        crowd = torch.zeros((h, w), dtype=torch.bool)
+        masks: list[Tensor] = []
+        labels: list[int] = []
+        instance_ids: list[int] = []
+        kept: list[SegmentInfo] = []
+        present, counts = torch.unique(panoptic, return_counts=True)
+        area_by_id = {int(i): int(c) for i, c in zip(present.tolist(), counts.tolist())}
+        seg_by_id = {s.id: s for s in segments}
+        unknown = sorted(set(area_by_id) - set(seg_by_id) - {VOID_ID})
+        if unknown:
+            raise ValueError(f"image {image_id!r}: panoptic ids {unknown[:10]} have no segment info")
+        for seg in segments:
+            area = area_by_id.get(seg.id, 0)
+            if area == 0:
+                continue
+            if seg.category_id not in meta:
+                raise ValueError(f"image {image_id!r}, segment {seg.id}: unknown category {seg.category_id}")
+            mask = panoptic == seg.id
+            ys = torch.nonzero(mask.any(dim=1)).flatten()
+            xs = torch.nonzero(mask.any(dim=0)).flatten()
+            x0, y0, x1, y1 = int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1
+            kept.append(replace(seg, area=area, bbox=(x0, y0, x1 - x0, y1 - y0)))
+            if seg.iscrowd:
+                crowd |= mask
+                continue
+            sem_seg[mask] = meta.class_index(seg.category_id)
+            if meta.isthing(seg.category_id):
+                masks.append(mask)
+                labels.append(meta.thing_index(seg.category_id))
+                instance_ids.append(seg.id)
+        masks_t = torch.stack(masks) if masks else torch.zeros((0, h, w), dtype=torch.bool)
+        return cls(
+            image_id=image_id,
+            panoptic=panoptic,
+            segments=kept,
+            sem_seg=sem_seg,
+            boxes=masks_to_boxes(masks_t),
+            labels=torch.tensor(labels, dtype=torch.long),
+            masks=masks_t,
+            crowd=crowd,
+            instance_ids=torch.tensor(instance_ids, dtype=torch.long),
+        )
+
+
+def masks_to_boxes(masks: Tensor) -> Tensor:
+    """BoolTensor[N, H, W] -> FloatTensor[N, 4] tight xyxy boxes, x1/y1 exclusive (pixel edges).
+
+    An empty mask gives the box (0, 0, 0, 0).
+    """
+    n = masks.shape[0]
+    if n == 0:
+        return torch.zeros((0, 4), dtype=torch.float32)
+    rows = masks.any(dim=2)  # N, H
+    cols = masks.any(dim=1)  # N, W
+    h, w = masks.shape[-2:]
+    ar_h = torch.arange(h, device=masks.device)
+    ar_w = torch.arange(w, device=masks.device)
+    big = max(h, w) + 1
+    y0 = torch.where(rows, ar_h, big).amin(dim=1)
+    y1 = torch.where(rows, ar_h, -1).amax(dim=1) + 1
+    x0 = torch.where(cols, ar_w, big).amin(dim=1)
+    x1 = torch.where(cols, ar_w, -1).amax(dim=1) + 1
+    boxes = torch.stack([x0, y0, x1, y1], dim=1).float()
+    empty = ~rows.any(dim=1)
+    boxes[empty] = 0.0
+    return boxes
+
+
+@dataclass
+class Sample:
+    """One dataset item after transforms (what a Dataset's __getitem__ returns).
+
+    Attributes:
+        image: FloatTensor[3, h, w] normalised image (RGB).
+        target: ground truth at (h, w).
+        image_id: the image's id.
+        original_size: (H, W) of the file before any resizing.
+    """
+
+    image: Tensor
+    target: PanopticTarget
+    image_id: str
+    original_size: tuple[int, int]
+
+
+@dataclass
+class Batch:
+    """A padded batch of images with what the model needs to undo the padding.
+
+    Attributes:
+        images: FloatTensor[B, 3, Hp, Wp], normalised, zero-padded at bottom/right so Hp and Wp
+            are multiples of the collate's size divisibility.
+        image_sizes: per image (h, w) before padding: the network input size of that image.
+        image_ids: per image id.
+        targets: per image ground truth at (h, w), or None at inference.
+        original_sizes: per image (h, w) of the file before resizing (for predictions written at
+            original size); equals image_sizes when nothing resized.
+    """
+
+    images: Tensor
+    image_sizes: list[tuple[int, int]]
+    image_ids: list[str]
+    targets: list[PanopticTarget] | None = None
+    original_sizes: list[tuple[int, int]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def to(self, device: torch.device | str) -> Batch:
+        return replace(
+            self,
+            images=self.images.to(device, non_blocking=True),
+            targets=None if self.targets is None else [t.to(device) for t in self.targets],
+        )
+
+    def padded_sem_seg(self) -> Tensor:
+        """LongTensor[B, Hp, Wp] of the targets' sem_seg, IGNORE_LABEL in the padding."""
+        if self.targets is None:
+            raise ValueError("batch has no targets")
+        b, _, hp, wp = self.images.shape
+        out = torch.full((b, hp, wp), IGNORE_LABEL, dtype=torch.long, device=self.images.device)
+        for i, t in enumerate(self.targets):
+            h, w = t.sem_seg.shape
+            out[i, :h, :w] = t.sem_seg
+        return out
+
+
+@dataclass
+class RawPrediction:
+    """What a network predicts for one image before fusion, at its input size (h, w).
+
+    Attributes:
+        boxes: FloatTensor[N, 4] xyxy in input pixels.
+        scores: FloatTensor[N] detection scores.
+        labels: LongTensor[N] thing index.
+        mask_probs: FloatTensor[N, M, M] RoI mask probabilities of each instance's own class
+            (M = 28 for Mask R-CNN heads), to be pasted into `boxes`; or None.
+        masks: BoolTensor[N, h, w] full-image binary masks; when given, fusion uses them instead
+            of pasting `mask_probs` (oracle inputs, models with full-resolution masks).
+        sem_logits: FloatTensor[C, h, w] semantic logits (the model's own class space; see
+            `sem_space`).
+        sem_space: "stuff+things": C = S + 1 (stuff, then one "things" class, Panoptic FPN);
+            "all": C = S + T (stuff first, then things, UPSNet/REFINE).
+        extras: model-specific outputs (e.g. mask logits for UPSNet's panoptic head).
+    """
+
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+    sem_logits: Tensor
+    mask_probs: Tensor | None = None
+    masks: Tensor | None = None
+    sem_space: str = "stuff+things"
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.scores.numel())
+
+
+@dataclass
+class PanopticResult:
+    """The panoptic prediction of one image.
+
+    Attributes:
+        panoptic: IntTensor[H, W] (int32) segment ids, 0 = void.
+        segments: one SegmentInfo per id present in `panoptic` (category_id is a dataset id;
+            `score` is the detection score for things, the mean class probability for stuff).
+        image_id: the image's id.
+        raw: the RawPrediction it came from (kept for mask AP / mIoU), or None.
+    """
+
+    panoptic: Tensor
+    segments: list[SegmentInfo]
+    image_id: str = ""
+    raw: RawPrediction | None = None
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return (int(self.panoptic.shape[-2]), int(self.panoptic.shape[-1]))
