@@ -419,6 +419,8 @@ class RawPrediction:
             `sem_space`).
         sem_space: "stuff+things": C = S + 1 (stuff, then one "things" class, Panoptic FPN);
             "all": C = S + T (stuff first, then things, UPSNet/REFINE).
+        sem_pred: LongTensor[h, w] argmax of `sem_logits` when the model already computed it
+            (on its device, where it is cheap); fusion computes it otherwise.
         extras: model-specific outputs (e.g. mask logits for UPSNet's panoptic head).
     """
 
@@ -429,6 +431,7 @@ class RawPrediction:
     mask_probs: Tensor | None = None
     masks: Tensor | None = None
     sem_space: str = "stuff+things"
+    sem_pred: Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
