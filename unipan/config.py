@@ -99,6 +99,49 @@ class FusionConfig:
 
 
 @dataclass
+class UPSNetConfig:
+    # deformable 3x3 conv layers of the shared semantic sub-network (3 on COCO, 2 on Cityscapes)
+    semantic_num_convs: int = 3
+    # channels of those layers: the first ones keep 256, the last outputs this many
+    semantic_mid_channels: int = 256
+    semantic_out_channels: int = 128
+    # use deformable convs (DCNv1) in the semantic head; False = plain 3x3 convs (for ablations)
+    deformable: bool = True
+    # COCO context: global-average-pooled res5 -> Linear -> added to P5's lateral
+    global_context: bool = True
+    # loss weights: semantic CE, RoI loss, panoptic loss (COCO 0.2 / 0.04 / 0.1)
+    semantic_loss_weight: float = 0.2
+    roi_loss_weight: float = 0.04
+    panoptic_loss_weight: float = 0.1
+    # RoIAlign output size of the RoI loss
+    roi_loss_size: int = 28
+    # fraction of GT instances kept when building the training panoptic logits (rest -> unknown)
+    instance_keep_fraction: float = 0.7
+    # --- Table 6 switches ---
+    # train the panoptic head (False: its loss is off, the head is used only at inference)
+    panoptic_loss: bool = True
+    # instance class assignment heuristic (False: trust the detector's class)
+    instance_class_assignment: bool = True
+    # predict the unknown class
+    unknown: bool = True
+    # --- inference ---
+    # class-agnostic NMS IoU, minimum score, and detections kept before mask pruning
+    nms_thresh: float = 0.5
+    score_thresh: float = 0.6
+    max_detections: int = 100
+    # a mask is dropped when more than this fraction overlaps kept masks of the same class
+    mask_overlap_thresh: float = 0.3
+    # stuff segments smaller than this many pixels become void (COCO 4096, Cityscapes 2048)
+    stuff_area: int = 4096
+    # a stuff majority relabels an instance region when it covers at least this fraction
+    stuff_majority: float = 0.5
+    # --- oracle modes of Table 6's lower rows (need ground truth at inference) ---
+    oracle_boxes: bool = False
+    oracle_class_assignment: bool = False
+    oracle_semantic: bool = False
+
+
+@dataclass
 class ModelConfig:
     # registered model name: panoptic_fpn (more follow: upsnet, aunet, refine, spatialflow, spinet)
     name: str = "panoptic_fpn"
@@ -107,6 +150,8 @@ class ModelConfig:
     roi_heads: RoIHeadsConfig = field(default_factory=RoIHeadsConfig)
     semantic: SemanticHeadConfig = field(default_factory=SemanticHeadConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    # UPSNet's heads, losses and panoptic head (used when name == "upsnet")
+    upsnet: UPSNetConfig = field(default_factory=UPSNetConfig)
 
 
 @dataclass
@@ -128,6 +173,9 @@ class DataConfig:
     synth_val: int = 50
     synth_size: list[int] = field(default_factory=lambda: [128, 128])
     synth_seed: int = 0
+    # synthetic: difficulty knobs passed to unipan.data.synthetic.SynthOptions (its fields, e.g.
+    # max_instances, occlusion, noise); empty = the generator's defaults
+    synth_options: dict[str, Any] = field(default_factory=dict)
     # training resize: shortest edge drawn from this list, longest edge capped at max_size_train
     min_size_train: list[int] = field(default_factory=lambda: [800])
     max_size_train: int = 1333

@@ -282,7 +282,7 @@ class PanopticTarget:
         instance_ids: list[int] = []
         kept: list[SegmentInfo] = []
         present, counts = torch.unique(panoptic, return_counts=True)
-        area_by_id = {int(i): int(c) for i, c in zip(present.tolist(), counts.tolist())}
+        area_by_id = {int(i): int(c) for i, c in zip(present.tolist(), counts.tolist(), strict=True)}
         seg_by_id = {s.id: s for s in segments}
         unknown = sorted(set(area_by_id) - set(seg_by_id) - {VOID_ID})
         if unknown:

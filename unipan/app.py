@@ -1,0 +1,212 @@
+"""The jobs behind `unipan eval`, `unipan predict` and `unipan demo`, as library functions."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unipan.config import Config, load_config
+from unipan.io import atomic_write_text, save_json
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def config_dir() -> Path:
+    """The repository's `configs/` folder (next to the package in a source checkout)."""
+    path = Path(__file__).resolve().parents[1] / "configs"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: configs folder not found (install unipan from a source checkout)")
+    return path
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_model(weights: Path, cfg: Config | None = None, device: str | torch.device = "cpu") -> tuple[Any, Any, Config]:
+    """Build the model a checkpoint was trained as and load its weights.
+
+    Returns:
+        (model in eval mode on `device`, DatasetMeta, the config stored in the checkpoint merged
+        under `cfg` when given).
+    """
+    from unipan.config import config_from_dict
+    from unipan.engine.checkpoint import load_checkpoint
+    from unipan.modeling.registry import build_model
+    from unipan.structures import DatasetMeta
+
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or "config" not in state or "meta" not in state:
+        raise ValueError(f"{weights}: not a unipan checkpoint (no 'config'/'meta' entries)")
+    stored = config_from_dict(state["config"])
+    cfg = cfg or stored
+    cfg.model = stored.model if cfg is not stored and cfg.model.name != stored.model.name else cfg.model
+    meta = DatasetMeta(state["meta"])
+    model = build_model(cfg, meta)
+    load_checkpoint(weights, model=model, expect_model_name=cfg.model.name, expect_meta=meta)
+    return model.to(device).eval(), meta, cfg
+
+
+def evaluate_checkpoint(
+    config_path: Path, overrides: Sequence[str], weights: Path, out: Path | None = None
+) -> dict[str, Any]:
+    """PQ/SQ/RQ and mIoU of a checkpoint on the config's val split; predictions under `out`."""
+    from unipan.data.build import build_dataset
+    from unipan.engine.trainer import evaluate
+
+    cfg = load_config(config_path, list(overrides))
+    device = _pick_device(cfg.engine.device)
+    model, meta, cfg = load_model(weights, cfg, device)
+    val_set = build_dataset(cfg.data, "val", is_train=False, output_dir=cfg.engine.output_dir)
+    result = evaluate(model, val_set, meta, device, max_images=0, out_dir=out)
+    print(result.pq.table())
+    if result.miou is not None:
+        print(f"mIoU {100 * result.miou:.2f}")
+    report = {**result.pq.to_dict(), "miou": result.miou}
+    if out is not None:
+        save_json(Path(out) / "pq.json", report, indent=2)
+        print(f"wrote predictions and pq.json to {out}")
+    return report
+
+
+def list_images(inputs: Iterable[Path]) -> list[Path]:
+    """Image files named directly or found (sorted, non-recursive) in the named folders."""
+    files: list[Path] = []
+    for p in inputs:
+        p = Path(p)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise FileNotFoundError(f"{p}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such file or folder")
+    return files
+
+
+def predict_images(weights: Path, inputs: Iterable[Path], out: Path, device: str = "cpu") -> Path:
+    """Panoptic PNG + one COCO-panoptic JSON for all images, and an overlay picture per image.
+
+    Returns:
+        The path of the predictions JSON.
+    """
+    from unipan.data.image import read_image
+    from unipan.io import write_panoptic_json, write_panoptic_prediction
+    from unipan.predictor import Predictor
+    from unipan.viz import overlay, save_png
+
+    files = list_images(inputs)
+    predictor = Predictor.from_checkpoint(weights, device=device)
+    meta = predictor.meta
+    out = Path(out)
+    images, annotations = [], []
+    stems: set[str] = set()
+    for i, path in enumerate(files):
+        stem = path.stem if path.stem not in stems else f"{path.stem}_{i}"
+        stems.add(stem)
+        image = read_image(path)
+        t0 = time.perf_counter()
+        result = predictor(image, image_id=stem)
+        log.info("%s: %d segments in %.2f s", path, len(result.segments), time.perf_counter() - t0)
+        ann = write_panoptic_prediction(out / "panoptic", stem, f"{stem}.png", result.panoptic, result.segments)
+        images.append({"id": stem, "file_name": path.name, "height": image.shape[0], "width": image.shape[1]})
+        annotations.append(ann)
+        save_png(out / "overlays" / f"{stem}.png", overlay(image, result.panoptic, result.segments, meta, labels=True))
+    json_path = out / "predictions.json"
+    write_panoptic_json(json_path, images, annotations, meta.to_coco_categories())
+    print(f"wrote {len(files)} predictions to {out} (panoptic/, overlays/, predictions.json)")
+    return json_path
+
+
+def run_demo(out: Path, model: str = "panoptic_fpn", overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Synthetic data -> train the tiny config on CPU -> evaluate -> pictures -> report.
+
+    Writes under `out`: synthetic/ (the dataset), run/ (checkpoints, metrics, config, loss curve),
+    predictions/ (COCO-panoptic PNG + JSON of the val split), pictures/ (GT | prediction),
+    report.md and report.json (the evaluation in the structure of `unipan pq --json`).
+    """
+    from unipan.data.build import build_dataset
+    from unipan.engine.trainer import evaluate, train
+
+    out = Path(out)
+    cfg_path = config_dir() / model / "tiny_synth.yaml"
+    if not cfg_path.is_file():
+        raise ValueError(f"model {model!r} has no tiny_synth config ({cfg_path} missing)")
+    cfg = load_config(
+        cfg_path,
+        [f"engine.output_dir={out / 'run'}", f"data.synth_root={out / 'synthetic'}", *overrides],
+    )
+    t0 = time.perf_counter()
+    trained = train(cfg)
+    train_s = time.perf_counter() - t0
+    device = _pick_device(cfg.engine.device)
+    net, meta, cfg = load_model(trained.checkpoint, cfg, device)
+    val_set = build_dataset(cfg.data, "val", is_train=False)
+    result = evaluate(net, val_set, meta, device, max_images=0, out_dir=out / "predictions")
+    pictures = _demo_pictures(out, cfg, meta)
+    pq = result.pq.to_dict()
+    report = {**pq, "miou": result.miou, "train_seconds": round(train_s, 1), "model": model}
+    save_json(out / "report.json", report, indent=2)
+    atomic_write_text(out / "report.md", _report_md(result, out, trained.output_dir, pictures, train_s, model))
+    print(result.pq.table())
+    print(f"\nreport: {out / 'report.md'}")
+    return report
+
+
+def _demo_pictures(out: Path, cfg: Config, meta: Any, n: int = 6) -> list[Path]:
+    from unipan.viz import visualize_folder
+
+    val_dir = Path(cfg.data.synth_root) / "val"
+    return visualize_folder(
+        val_dir / "images",
+        val_dir / "panoptic",
+        val_dir / "panoptic.json",
+        out / "pictures",
+        pred_dir=out / "predictions" / "panoptic",
+        pred_json=out / "predictions" / "predictions.json",
+        max_images=n,
+    )
+
+
+def _report_md(result: Any, out: Path, run_dir: Path, pictures: list[Path], train_s: float, model: str) -> str:
+    d = result.pq.to_dict()
+    rows = "\n".join(
+        f"| {k} | {100 * d[k]['pq']:.1f} | {100 * d[k]['sq']:.1f} | {100 * d[k]['rq']:.1f} | {d[k]['n']} |"
+        for k in ("All", "Things", "Stuff")
+    )
+    miou = "" if result.miou is None else f"\nmIoU: {100 * result.miou:.1f}\n"
+    pics = "\n".join(f"- {p.relative_to(out)}" for p in pictures)
+    return f"""# unipan demo: {model} on the synthetic dataset
+
+Trained for {train_s / 60:.1f} minutes on {torch.get_num_threads()} CPU threads.
+
+| | PQ | SQ | RQ | classes |
+| --- | --- | --- | --- | --- |
+{rows}
+{miou}
+- loss curve: {(Path(run_dir) / 'loss_curve.png').relative_to(out)}
+- checkpoint: {(Path(run_dir) / 'model_final.pth').relative_to(out)}
+- metrics: {(Path(run_dir) / 'metrics.jsonl').relative_to(out)}
+- predictions (COCO-panoptic PNG + JSON): predictions/
+- evaluation in `unipan pq --json` form: report.json
+
+Pictures (ground truth | prediction):
+{pics}
+
+Per class:
+
+```
+{result.pq.table()}
+```
+"""

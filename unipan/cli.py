@@ -1,0 +1,181 @@
+"""The `unipan` command. Thin: each verb parses its arguments and calls the library function
+that the tests call too. Heavy imports happen inside the verbs so `unipan --help` stays quick."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+log = logging.getLogger("unipan")
+
+
+class UserError(Exception):
+    """An error caused by the user's input: printed as one line, exit status 2."""
+
+
+# --- data ------------------------------------------------------------------------------------
+def _add_data(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from unipan.data.synthetic import add_synth_arguments, synth_main
+
+    p = sub.add_parser("data", help="dataset tools")
+    dsub = p.add_subparsers(dest="data_verb", required=True)
+    s = dsub.add_parser("synth", help="write the synthetic panoptic dataset in COCO-panoptic format")
+    add_synth_arguments(s)
+    s.set_defaults(func=synth_main)
+
+
+# --- pq --------------------------------------------------------------------------------------
+def _add_pq(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "pq",
+        help="PQ/SQ/RQ of COCO-panoptic predictions against ground truth (as panopticapi pq_compute)",
+    )
+    p.add_argument("--gt-json", required=True, type=Path, help="ground-truth COCO-panoptic JSON")
+    p.add_argument("--gt-dir", required=True, type=Path, help="folder of ground-truth panoptic PNGs")
+    p.add_argument("--pred-json", required=True, type=Path, help="prediction COCO-panoptic JSON")
+    p.add_argument("--pred-dir", required=True, type=Path, help="folder of predicted panoptic PNGs")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--json", type=Path, default=None, help="write the result as pq_compute's dict")
+    p.set_defaults(func=_pq_main)
+
+
+def _pq_main(args: argparse.Namespace) -> int:
+    from unipan.evaluation.pq import pq_compute_folders
+    from unipan.io import save_json
+
+    result = pq_compute_folders(args.gt_json, args.gt_dir, args.pred_json, args.pred_dir, workers=args.workers)
+    print(result.table())
+    if args.json is not None:
+        save_json(args.json, result.to_dict(), indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+# --- viz -------------------------------------------------------------------------------------
+def _add_viz(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from unipan.viz import add_viz_arguments, viz_main
+
+    p = sub.add_parser("viz", help="draw panoptic segmentations of a COCO-panoptic folder over their images")
+    add_viz_arguments(p)
+    p.set_defaults(func=viz_main)
+
+
+# --- train / eval / predict / demo -----------------------------------------------------------
+def _add_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("train", help="train a model from a YAML config")
+    p.add_argument("config", type=Path, help="YAML config, e.g. configs/panoptic_fpn/tiny_synth.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. solver.lr=0.01")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    p.set_defaults(func=_train_main)
+
+
+def _train_main(args: argparse.Namespace) -> int:
+    from unipan.config import load_config
+    from unipan.engine.trainer import train
+
+    cfg = load_config(_existing(args.config), args.overrides)
+    result = train(cfg, resume=args.resume)
+    print(f"finished: checkpoint {result.checkpoint}")
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("eval", help="evaluate a checkpoint on the config's validation split")
+    p.add_argument("config", type=Path, help="YAML config the model was trained with")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.val_json=...")
+    p.add_argument("--weights", required=True, type=Path, help="checkpoint (.pth) to evaluate")
+    p.add_argument("--out", type=Path, default=None, help="write COCO-panoptic predictions and pq.json here")
+    p.set_defaults(func=_eval_main)
+
+
+def _eval_main(args: argparse.Namespace) -> int:
+    from unipan.app import evaluate_checkpoint
+
+    evaluate_checkpoint(_existing(args.config), args.overrides, _existing(args.weights), args.out)
+    return 0
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("predict", help="panoptic segmentation of your own images")
+    p.add_argument("inputs", nargs="+", type=Path, help="image files or folders of images")
+    p.add_argument("--weights", required=True, type=Path, help="checkpoint (.pth)")
+    p.add_argument("--out", required=True, type=Path, help="output folder (PNG + JSON + overlays)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
+    p.add_argument("overrides", nargs="*", default=[], help=argparse.SUPPRESS)
+    p.set_defaults(func=_predict_main)
+
+
+def _predict_main(args: argparse.Namespace) -> int:
+    from unipan.app import predict_images
+
+    predict_images(_existing(args.weights), args.inputs, args.out, device=args.device)
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "demo", help="synthetic data -> train a tiny model on CPU -> evaluate -> pictures and report"
+    )
+    p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default demo_out)")
+    p.add_argument("--model", default="panoptic_fpn", help="model to train (default panoptic_fpn)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the tiny config, e.g. solver.max_iter=100")
+    p.set_defaults(func=_demo_main)
+
+
+def _demo_main(args: argparse.Namespace) -> int:
+    from unipan.app import run_demo
+
+    run_demo(args.out, model=args.model, overrides=args.overrides)
+    return 0
+
+
+def _existing(path: Path) -> Path:
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    return path
+
+
+VERBS: list[Callable[[argparse._SubParsersAction], None]] = [  # type: ignore[type-arg]
+    _add_data,
+    _add_pq,
+    _add_viz,
+    _add_train,
+    _add_eval,
+    _add_predict,
+    _add_demo,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unipan", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="verb", required=True)
+    for add in VERBS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, ValueError, FileNotFoundError, KeyError) as e:
+        # Bad input: one line naming the file/image and the problem, no traceback.
+        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        print(f"unipan {args.verb}: error: {msg}", file=sys.stderr)
+        if args.verbose:
+            raise
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
