@@ -14,6 +14,14 @@ Transform = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 """(image FloatTensor[3, H, W], panoptic IntTensor[H, W]) -> the same, transformed in step."""
 
 
+def _torch_ready(a: np.ndarray, dtype: type | None = None) -> np.ndarray:
+    """C-contiguous array of `dtype` that torch.from_numpy can share without copying.
+
+    Read-only arrays (decoders often return them) are copied, since torch cannot wrap them safely.
+    """
+    return np.array(a, dtype=dtype, order="C", copy=None if a.flags.writeable else True)
+
+
 def make_sample(
     image: np.ndarray,
     panoptic: np.ndarray,
@@ -33,13 +41,17 @@ def make_sample(
         transform: applied to the float image (0..255) and the id map together; the last step of
             a training/testing pipeline normalises the image.
     """
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image {image_id!r}: expected an H x W x 3 RGB array, got shape {image.shape}")
+    if panoptic.ndim != 2:
+        raise ValueError(f"image {image_id!r}: expected an H x W panoptic id map, got shape {panoptic.shape}")
     if image.shape[:2] != panoptic.shape[:2]:
         raise ValueError(
             f"image {image_id!r}: image size {image.shape[:2]} differs from panoptic PNG size "
             f"{panoptic.shape[:2]}"
         )
-    img_t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
-    pan_t = torch.from_numpy(np.ascontiguousarray(panoptic, dtype=np.int32))
+    img_t = torch.from_numpy(_torch_ready(image)).permute(2, 0, 1).float()
+    pan_t = torch.from_numpy(_torch_ready(panoptic, np.int32))
     if transform is not None:
         img_t, pan_t = transform(img_t, pan_t)
     target = PanopticTarget.from_panoptic(pan_t, segments, meta, image_id=image_id)
