@@ -37,11 +37,12 @@ def ensure_synthetic(cfg: DataConfig, split: str, root: Path) -> Path:
     Returns:
         The split's COCO-panoptic JSON path.
     """
-    from unipan.data.synthetic import SynthOptions, write_synthetic_dataset
+    from unipan.data.synthetic import SYNTH_VERSION, SynthOptions, write_synthetic_dataset
 
     n = {"train": cfg.synth_train, "val": cfg.synth_val}[split]
     opts = SynthOptions(**{**dict(cfg.synth_options), "size": tuple(cfg.synth_size)})
-    recipe = {"n": n, "seed": cfg.synth_seed, "split": split, "options": _jsonable(dataclasses.asdict(opts))}
+    options = _jsonable(dataclasses.asdict(opts))
+    recipe = {"version": SYNTH_VERSION, "n": n, "seed": cfg.synth_seed, "split": split, "options": options}
     stamp = root / f"{split}.recipe.json"
     if stamp.exists():
         try:
