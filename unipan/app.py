@@ -67,7 +67,9 @@ def evaluate_checkpoint(
     device = _pick_device(cfg.engine.device)
     model, meta, cfg = load_model(weights, cfg, device)
     val_set = build_dataset(cfg.data, "val", is_train=False, output_dir=cfg.engine.output_dir)
-    result = evaluate(model, val_set, meta, device, max_images=0, out_dir=out)
+    result = evaluate(
+        model, val_set, meta, device, size_divisibility=cfg.data.size_divisibility, out_dir=out
+    )
     print(result.pq.table())
     if result.miou is not None:
         print(f"mIoU {100 * result.miou:.2f}")
@@ -153,7 +155,9 @@ def run_demo(out: Path, model: str = "panoptic_fpn", overrides: Sequence[str] = 
     device = _pick_device(cfg.engine.device)
     net, meta, cfg = load_model(trained.checkpoint, cfg, device)
     val_set = build_dataset(cfg.data, "val", is_train=False)
-    result = evaluate(net, val_set, meta, device, max_images=0, out_dir=out / "predictions")
+    result = evaluate(
+        net, val_set, meta, device, size_divisibility=cfg.data.size_divisibility, out_dir=out / "predictions"
+    )
     pictures = _demo_pictures(out, cfg, meta)
     pq = result.pq.to_dict()
     report = {**pq, "miou": result.miou, "train_seconds": round(train_s, 1), "model": model}

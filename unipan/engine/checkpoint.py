@@ -1,0 +1,314 @@
+"""Atomic checkpoints that load with `torch.load(weights_only=True)`, and the RNG state they carry.
+
+A checkpoint is a dict of tensors and plain containers only (so the safe unpickler accepts it):
+
+- "model", "optimizer", "scheduler": state dicts (optimizer/scheduler may be None);
+- "iteration": completed iterations;
+- "rng": this process's RNG states (python, numpy, torch, cuda) as tensors and plain numbers;
+  "rng_per_rank": the same for every rank of a distributed run, in rank order;
+- "config": the resolved `Config` as a dict; "meta": the `categories` list; "model_name";
+- anything passed as `extra` (e.g. "scaler" for AMP), under its own key.
+
+Files are written with `unipan.io.atomic_write` (temporary file + rename) and the
+`last_checkpoint` pointer is rewritten only after the file it names is complete, so a kill at any
+moment leaves the previous checkpoint usable; stale temporary files are never read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from unipan.config import Config, config_to_dict
+from unipan.io import atomic_write, atomic_write_text
+from unipan.structures import DatasetMeta
+
+logger = logging.getLogger(__name__)
+
+LAST_CHECKPOINT = "last_checkpoint"
+"""Name of the pointer file in an output folder; it holds the file name of the newest checkpoint."""
+
+FINAL_CHECKPOINT = "model_final.pth"
+
+_PERIODIC_RE = re.compile(r"^model_(\d+)\.pth$")
+_REQUIRED_KEYS = ("model", "iteration", "model_name", "meta")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used here: unreadable, another model, other classes, bad keys."""
+
+
+def checkpoint_name(iteration: int) -> str:
+    """File name of the periodic checkpoint after `iteration` completed iterations."""
+    return f"model_{iteration:07d}.pth"
+
+
+# --- RNG state as plain data -------------------------------------------------------------------
+
+
+def get_rng_state() -> dict[str, Any]:
+    """Every global RNG this process draws from, as tensors and plain numbers.
+
+    Returns:
+        {"python": {...}, "numpy": {...}, "torch": ByteTensor, "cuda": list[ByteTensor]}; the
+        python Mersenne-Twister state is an Int64Tensor[625], numpy's an Int64Tensor[624].
+    """
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
+    cuda_states: list[torch.Tensor] = []
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda_states = list(torch.cuda.get_rng_state_all())
+    return {
+        "python": {
+            "version": int(py_version),
+            "state": torch.tensor(py_state, dtype=torch.int64),
+            "gauss": py_gauss,
+        },
+        "numpy": {
+            "name": str(np_name),
+            "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_gauss),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": cuda_states,
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the RNGs from `get_rng_state()`'s output (CUDA states only where devices match)."""
+    py = state["python"]
+    random.setstate((int(py["version"]), tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    npst = state["numpy"]
+    np.random.set_state(
+        (
+            npst["name"],
+            npst["keys"].cpu().numpy().astype(np.uint32),
+            int(npst["pos"]),
+            int(npst["has_gauss"]),
+            float(npst["cached_gaussian"]),
+        )
+    )
+    torch.set_rng_state(state["torch"].cpu())
+    cuda_states = state.get("cuda") or []
+    if cuda_states and torch.cuda.is_available():
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([t.cpu() for t in cuda_states])
+        else:
+            logger.warning(
+                "checkpoint has %d CUDA RNG states but %d devices are visible; CUDA RNG not restored",
+                len(cuda_states),
+                torch.cuda.device_count(),
+            )
+
+
+class preserve_rng_state:  # noqa: N801 - used as a context manager, reads like one
+    """Context manager: whatever runs inside leaves the global RNGs as they were.
+
+    Evaluation and data loading run inside it so they never shift the training's random stream.
+    """
+
+    def __enter__(self) -> None:
+        self._state = get_rng_state()
+
+    def __exit__(self, *exc: object) -> None:
+        set_rng_state(self._state)
+
+
+# --- save / load ---------------------------------------------------------------------------------
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # DistributedDataParallel keeps the real model in .module; checkpoints hold the real one
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any | None,
+    iteration: int,
+    cfg: Config,
+    meta: DatasetMeta,
+    extra: dict[str, Any] | None = None,
+    rng_per_rank: list[dict[str, Any]] | None = None,
+) -> None:
+    """Write a checkpoint atomically (temporary file beside `path`, then rename).
+
+    Args:
+        path: destination file.
+        model: the model (a DDP wrapper is unwrapped).
+        optimizer, scheduler: their states are stored when given.
+        iteration: number of completed iterations.
+        cfg: the resolved config (stored as a dict).
+        meta: the dataset's class information (stored as its categories list).
+        extra: more entries; each must be tensors/plain containers (e.g. {"scaler": ...}).
+        rng_per_rank: RNG states of every rank of a distributed run, in rank order.
+
+    Raises:
+        ValueError: when `extra` overwrites a reserved key.
+    """
+    ckpt: dict[str, Any] = {
+        "model": _unwrap(model).state_dict(),
+        "optimizer": None if optimizer is None else optimizer.state_dict(),
+        "scheduler": None if scheduler is None else scheduler.state_dict(),
+        "iteration": int(iteration),
+        "rng": get_rng_state(),
+        "config": config_to_dict(cfg),
+        "meta": meta.to_coco_categories(),
+        "model_name": cfg.model.name,
+    }
+    if rng_per_rank is not None:
+        ckpt["rng_per_rank"] = rng_per_rank
+    for key, value in (extra or {}).items():
+        if key in ckpt:
+            raise ValueError(f"checkpoint extra key {key!r} is reserved")
+        ckpt[key] = value
+    atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+
+
+def write_last_checkpoint(output_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[str]) -> None:
+    """Point `output_dir/last_checkpoint` at `checkpoint` (call only once that file is complete)."""
+    atomic_write_text(Path(output_dir) / LAST_CHECKPOINT, Path(checkpoint).name + "\n")
+
+
+def find_last_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
+    """The newest complete checkpoint in `output_dir`, or None when there is none.
+
+    The `last_checkpoint` pointer decides; when it is missing or names a file that is gone, the
+    newest `model_final.pth` / `model_NNNNNNN.pth` is used. Temporary files of an interrupted
+    write (`.model_*.tmp`) are never considered.
+    """
+    out = Path(output_dir)
+    if not out.is_dir():
+        return None
+    pointer = out / LAST_CHECKPOINT
+    if pointer.is_file():
+        name = pointer.read_text(encoding="utf-8").strip()
+        if name:
+            target = out / name
+            if target.is_file():
+                return target
+            logger.warning("%s names %s, which does not exist; looking for other checkpoints", pointer, name)
+    if (out / FINAL_CHECKPOINT).is_file():
+        return out / FINAL_CHECKPOINT
+    periodic = sorted((int(m.group(1)), p) for p in out.iterdir() if (m := _PERIODIC_RE.match(p.name)) and p.is_file())
+    return periodic[-1][1] if periodic else None
+
+
+def _class_summary(categories: list[dict[str, Any]]) -> str:
+    things = sum(1 for c in categories if int(c.get("isthing", 0)))
+    return f"{things} thing / {len(categories) - things} stuff classes"
+
+
+def _check_meta(path: Path, stored: list[dict[str, Any]], expect: DatasetMeta) -> None:
+    try:
+        stored_meta = DatasetMeta(stored)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path}: bad stored categories: {e}") from e
+    if (stored_meta.num_things, stored_meta.num_stuff) != (expect.num_things, expect.num_stuff):
+        raise CheckpointError(
+            f"checkpoint {path} was trained with {_class_summary(stored)}, this model has "
+            f"{expect.num_things} thing / {expect.num_stuff} stuff classes"
+        )
+    stored_ids = [(c.id, c.isthing) for c in stored_meta.categories]
+    expect_ids = [(c.id, c.isthing) for c in expect.categories]
+    if stored_ids != expect_ids:
+        diff = [f"{a[0]}!={b[0]}" for a, b in zip(stored_ids, expect_ids, strict=True) if a != b]
+        raise CheckpointError(
+            f"checkpoint {path} was trained on other categories than this model's dataset "
+            f"(same counts, different ids or order: {', '.join(diff[:10])})"
+        )
+
+
+def _load_model_state(path: Path, model: nn.Module, state: dict[str, Any]) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shape_diff = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shape_diff:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:20])}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}")
+        if shape_diff:
+            parts.append(f"shape mismatches ({len(shape_diff)}): {'; '.join(shape_diff[:20])}")
+        raise CheckpointError(f"checkpoint {path} does not fit model {type(model).__name__}: " + " | ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    expect_model_name: str | None = None,
+    expect_meta: DatasetMeta | None = None,
+    map_location: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Read a checkpoint with `torch.load(weights_only=True)` and restore what is passed in.
+
+    Checks run before anything is modified, so a rejected checkpoint leaves the model intact.
+
+    Args:
+        path: the checkpoint file.
+        model: receives the "model" state (a DDP wrapper is unwrapped); strict.
+        optimizer, scheduler: receive their states when given (error if the file has none).
+        expect_model_name: the registered model name this checkpoint must be for.
+        expect_meta: the class information the checkpoint's categories must match.
+        map_location: where tensors are loaded.
+
+    Returns:
+        The whole checkpoint dict (RNG states are not applied here: see `set_rng_state`).
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: unreadable file, not a unipan checkpoint, another model, other classes,
+            missing/unexpected/mis-shaped parameters, optimizer/scheduler state that does not fit.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated zip, foreign pickle, ...: all mean "unusable"
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from e
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in _REQUIRED_KEYS):
+        have = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(
+            f"checkpoint {path} is not a unipan checkpoint (needs keys {list(_REQUIRED_KEYS)}, has {have})"
+        )
+    if expect_model_name is not None and ckpt["model_name"] != expect_model_name:
+        raise CheckpointError(f"checkpoint {path} is for model {ckpt['model_name']!r}, not {expect_model_name!r}")
+    if expect_meta is not None:
+        _check_meta(path, ckpt["meta"], expect_meta)
+    if optimizer is not None and ckpt.get("optimizer") is None:
+        raise CheckpointError(f"checkpoint {path} has no optimizer state to resume from")
+    if scheduler is not None and ckpt.get("scheduler") is None:
+        raise CheckpointError(f"checkpoint {path} has no scheduler state to resume from")
+    if model is not None:
+        _load_model_state(path, _unwrap(model), ckpt["model"])
+    try:
+        if optimizer is not None:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(ckpt["scheduler"])
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {path}: optimizer/scheduler state does not fit ({e})") from e
+    return ckpt
