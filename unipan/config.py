@@ -71,6 +71,10 @@ class RoIHeadsConfig:
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
     detections_per_img: int = 100
+    # RoIAlign output sizes of the box and mask heads, and its sampling ratio (Mask R-CNN: 7, 14, 2)
+    box_pooler_resolution: int = 7
+    mask_pooler_resolution: int = 14
+    pooler_sampling_ratio: int = 2
     # mask head: number of 3x3 convs and their channels (Mask R-CNN: 4 x 256)
     mask_head_convs: int = 4
     mask_head_channels: int = 256
