@@ -8,12 +8,14 @@ from torch import nn
 
 from unipan.config import Config
 from unipan.modeling.models.panoptic_fpn import build_panoptic_fpn
+from unipan.modeling.models.upsnet import build_upsnet
 from unipan.structures import DatasetMeta
 
 __all__ = ["MODELS", "build_model"]
 
 MODELS: dict[str, Callable[[Config, DatasetMeta], nn.Module]] = {
     "panoptic_fpn": build_panoptic_fpn,
+    "upsnet": build_upsnet,
 }
 
 

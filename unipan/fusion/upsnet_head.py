@@ -1,0 +1,847 @@
+"""UPSNet's parameter-free panoptic head (Xiong et al., CVPR 2019), as pure tensor functions.
+
+For one image with semantic logits X (C = S + T channels, stuff first, the class index space of
+`DatasetMeta.class_index`) and N instances (box B_i, thing index c_i, mask logits Y_i), the head
+builds the panoptic logits
+
+    Z = [ X_stuff ; X_mask_i + Y_mask_i  (i = 0..N-1) ; unknown ]      (S + N + 1 channels)
+
+- X_mask_i: the channel S + c_i of X inside B_i, zero outside it.
+- Y_mask_i: the RoI mask logits of instance i bilinearly resampled onto the pixels of B_i, zero
+  outside it.
+- unknown = max over the thing channels of X - max_i X_mask_i: large where the semantic head
+  sees a thing that no instance explains (paper Sec. 3.1). With no instance at all the second
+  term counts as zero, the value every X_mask_i has outside its box.
+
+A pixel belongs to B_i when its centre lies in the box: x0 <= x + 0.5 < x1 (and the same for y),
+so an integer GT box (x1, y1 exclusive) covers exactly the pixels of its mask's tight box.
+
+The same functions serve training (at the logits' resolution, differentiable: `panoptic_loss`)
+and inference (at full input resolution: `upsnet_fusion`). Inference never materialises Z:
+`panoptic_argmax` takes the argmax box by box and equals `panoptic_logits(...).argmax(0)`
+exactly, ties included (the first maximal channel wins, as torch.argmax).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import nms
+
+from unipan.config import UPSNetConfig
+from unipan.fusion.paste import box_windows, paste_masks_in_boxes
+from unipan.structures import (
+    IGNORE_LABEL,
+    VOID_ID,
+    DatasetMeta,
+    PanopticResult,
+    PanopticTarget,
+    RawPrediction,
+    SegmentInfo,
+    masks_to_boxes,
+)
+
+__all__ = [
+    "PanopticHeadSettings",
+    "assign_instance_classes",
+    "box_pixel_windows",
+    "compose_panoptic",
+    "crop_full_mask_logits",
+    "instance_index_map",
+    "oracle_raw_prediction",
+    "oracle_sem_logits",
+    "panoptic_argmax",
+    "panoptic_logits",
+    "panoptic_loss",
+    "panoptic_targets",
+    "paste_mask_logits",
+    "prune_masks",
+    "sample_kept_instances",
+    "select_detections",
+    "upsnet_fusion",
+]
+
+
+# --- geometry --------------------------------------------------------------------------------
+def box_pixel_windows(boxes: Tensor, size: tuple[int, int]) -> Tensor:
+    """The pixels whose centres lie inside each box, clipped to the image.
+
+    The windows of `unipan.fusion.paste` with ``outside="edge"``, with a window that is empty
+    along one axis made empty along both (so its crop is [0, 0]).
+
+    Args:
+        boxes: FloatTensor[N, 4] xyxy boxes in pixel-edge coordinates of a (h, w) map.
+        size: (h, w) of that map.
+
+    Returns:
+        LongTensor[N, 4] (y0, y1, x0, x1): rows y0..y1-1 and columns x0..x1-1.
+    """
+    if boxes.shape[0] == 0:
+        return torch.zeros((0, 4), dtype=torch.long, device=boxes.device)
+    win = box_windows(boxes, size, mode="aligned", outside="edge")
+    empty = (win[:, 1] <= win[:, 0]) | (win[:, 3] <= win[:, 2])
+    win[empty, 1] = win[empty, 0]
+    win[empty, 3] = win[empty, 2]
+    return win.to(boxes.device)
+
+
+def paste_mask_logits(mask_logits: Tensor, boxes: Tensor, size: tuple[int, int]) -> list[Tensor]:
+    """Bilinearly resample RoI mask logits onto the pixels of their boxes (differentiable).
+
+    Each M x M grid spans its box edge to edge; pixels sample it at their centres, clamped to the
+    border cells (``outside="edge"`` of `unipan.fusion.paste`: a logit of 0 is not background).
+
+    Args:
+        mask_logits: FloatTensor[N, M, M] (or [N, 1, M, M]) mask logits of each instance's class.
+        boxes: FloatTensor[N, 4] xyxy boxes, in the pixel units of the target map.
+        size: (h, w) of the target map.
+
+    Returns:
+        N tensors FloatTensor[y1 - y0, x1 - x0]: the logits on the windows of
+        `box_pixel_windows(boxes, size)`.
+    """
+    if mask_logits.dim() == 4:
+        mask_logits = mask_logits.squeeze(1)
+    if mask_logits.dim() != 3 or mask_logits.shape[0] != boxes.shape[0]:
+        raise ValueError(
+            f"mask logits of shape {tuple(mask_logits.shape)} do not match {boxes.shape[0]} boxes (expected [N, M, M])"
+        )
+    if boxes.shape[0] == 0:
+        return []
+    windows = box_pixel_windows(boxes, size)
+    pasted = paste_masks_in_boxes(mask_logits, boxes, size, outside="edge")
+    crops: list[Tensor] = []
+    for (values, _), (y0, y1, x0, x1) in zip(pasted, windows.tolist(), strict=True):
+        crops.append(values if values.shape == (y1 - y0, x1 - x0) else mask_logits.new_zeros((y1 - y0, x1 - x0)))
+    return crops
+
+
+def crop_full_mask_logits(full_mask_logits: Tensor, windows: Tensor) -> list[Tensor]:
+    """Cut image-sized mask logits down to their windows (values outside a box are never used).
+
+    Args:
+        full_mask_logits: FloatTensor[N, h, w].
+        windows: LongTensor[N, 4] from `box_pixel_windows`.
+
+    Returns:
+        N tensors FloatTensor[y1 - y0, x1 - x0].
+    """
+    return [full_mask_logits[i, y0:y1, x0:x1] for i, (y0, y1, x0, x1) in enumerate(windows.tolist())]
+
+
+# --- panoptic logits (training; reference for inference) -------------------------------------
+def _check_head_inputs(
+    sem_logits: Tensor, windows: Tensor, thing_labels: Tensor, crops: list[Tensor], num_stuff: int
+) -> None:
+    if sem_logits.dim() != 3:
+        raise ValueError(f"semantic logits must be [C, h, w], got shape {tuple(sem_logits.shape)}")
+    c = sem_logits.shape[0]
+    n = len(crops)
+    if windows.shape != (n, 4) or thing_labels.shape != (n,):
+        raise ValueError(
+            f"{n} mask crops but windows of shape {tuple(windows.shape)} and labels of shape "
+            f"{tuple(thing_labels.shape)}"
+        )
+    if not 0 <= num_stuff <= c:
+        raise ValueError(f"num_stuff={num_stuff} outside [0, {c}] semantic channels")
+    if n and (int(thing_labels.min()) < 0 or int(thing_labels.max()) >= c - num_stuff):
+        raise ValueError(
+            f"thing labels {thing_labels.tolist()} outside [0, {c - num_stuff}) ({c - num_stuff} thing channels)"
+        )
+    for i, ((y0, y1, x0, x1), crop) in enumerate(zip(windows.tolist(), crops, strict=True)):
+        if tuple(crop.shape) != (y1 - y0, x1 - x0):
+            raise ValueError(
+                f"instance {i}: mask crop of shape {tuple(crop.shape)} does not fit its box pixels "
+                f"({y1 - y0}, {x1 - x0})"
+            )
+
+
+def panoptic_logits(
+    sem_logits: Tensor,
+    windows: Tensor,
+    thing_labels: Tensor,
+    crops: list[Tensor],
+    num_stuff: int,
+    unknown: bool = True,
+) -> Tensor:
+    """Z = [X_stuff ; X_mask_i + Y_mask_i ; unknown], materialised and differentiable.
+
+    Args:
+        sem_logits: FloatTensor[C, h, w] semantic logits, stuff first (C = S + T).
+        windows: LongTensor[N, 4] box pixel ranges (`box_pixel_windows`) on the (h, w) map.
+        thing_labels: LongTensor[N] thing index of each instance.
+        crops: N mask-logit crops FloatTensor[y1 - y0, x1 - x0] (`paste_mask_logits`).
+        num_stuff: S.
+        unknown: append the unknown channel.
+
+    Returns:
+        FloatTensor[S + N (+ 1), h, w].
+    """
+    _check_head_inputs(sem_logits, windows, thing_labels, crops, num_stuff)
+    _, h, w = sem_logits.shape
+    x_masks: list[Tensor] = []
+    for (y0, y1, x0, x1), label in zip(windows.tolist(), thing_labels.tolist(), strict=True):
+        x_in = sem_logits[num_stuff + label, y0:y1, x0:x1]
+        x_masks.append(F.pad(x_in, (x0, w - x1, y0, h - y1)))
+    y_masks = [
+        F.pad(crop, (x0, w - x1, y0, h - y1)) for (y0, y1, x0, x1), crop in zip(windows.tolist(), crops, strict=True)
+    ]
+    parts = [sem_logits[:num_stuff]]
+    if x_masks:
+        x_mask = torch.stack(x_masks)
+        parts.append(x_mask + torch.stack(y_masks))
+    if unknown:
+        thing_max = sem_logits[num_stuff:].amax(dim=0)
+        parts.append((thing_max - x_mask.amax(dim=0) if x_masks else thing_max)[None])
+    return torch.cat(parts, dim=0)
+
+
+def panoptic_argmax(
+    sem_logits: Tensor,
+    windows: Tensor,
+    thing_labels: Tensor,
+    crops: list[Tensor],
+    num_stuff: int,
+    unknown: bool = True,
+    return_sem_pred: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """argmax over the channels of Z without building Z (inference at full resolution).
+
+    Equals `panoptic_logits(...).argmax(0)` exactly, ties included. An instance channel is zero
+    outside its box, so where every other logit is negative the first instance whose box misses
+    the pixel wins; the pixels inside every box of a prefix of the instances form a rectangle,
+    which finds that instance without a pass over the whole image per instance.
+
+    Args:
+        sem_logits: FloatTensor[C, h, w]; windows, thing_labels, crops, num_stuff, unknown: as
+            `panoptic_logits`.
+        return_sem_pred: also return the semantic argmax, a by-product of the channel maxima.
+
+    Returns:
+        LongTensor[h, w]: channel of Z: 0..S-1 stuff index, S + i instance i, S + N unknown; and,
+        with `return_sem_pred`, LongTensor[h, w] `sem_logits.argmax(0)`.
+    """
+    _check_head_inputs(sem_logits, windows, thing_labels, crops, num_stuff)
+    c, h, w = sem_logits.shape
+    n = len(crops)
+    dev = sem_logits.device
+    neg_inf = torch.tensor(float("-inf"), dtype=sem_logits.dtype, device=dev)
+    if num_stuff > 0:
+        best_val, best_idx = sem_logits[:num_stuff].max(dim=0)
+    else:
+        best_val = neg_inf.expand(h, w).clone()
+        best_idx = torch.zeros((h, w), dtype=torch.long, device=dev)
+    has_things = c > num_stuff
+    thing_val: Tensor | None = None
+    sem_pred: Tensor | None = None
+    if has_things and (unknown or return_sem_pred):
+        thing_val, thing_idx = sem_logits[num_stuff:].max(dim=0)
+        if return_sem_pred:
+            # stuff channels come first, so a tie goes to the stuff class, as argmax does
+            sem_pred = torch.where(thing_val > best_val, num_stuff + thing_idx, best_idx)
+    elif return_sem_pred:
+        sem_pred = best_idx.clone()
+
+    if n == 0:
+        if unknown and thing_val is not None:
+            best_idx = torch.where(thing_val > best_val, num_stuff, best_idx)
+        return (best_idx, sem_pred) if return_sem_pred else best_idx  # type: ignore[return-value]
+
+    # Inside the boxes: the first maximal instance among those whose box holds the pixel.
+    in_val = neg_inf.expand(h, w).clone()
+    in_idx = torch.full((h, w), -1, dtype=torch.long, device=dev)
+    x_mask_max = neg_inf.expand(h, w).clone() if unknown else None
+    win = windows.tolist()
+    for i, ((y0, y1, x0, x1), label) in enumerate(zip(win, thing_labels.tolist(), strict=True)):
+        if x1 <= x0 or y1 <= y0:
+            continue
+        x_in = sem_logits[num_stuff + label, y0:y1, x0:x1]
+        z = x_in + crops[i]
+        cur_val = in_val[y0:y1, x0:x1]
+        better = z > cur_val
+        in_val[y0:y1, x0:x1] = torch.where(better, z, cur_val)
+        in_idx[y0:y1, x0:x1] = torch.where(better, i, in_idx[y0:y1, x0:x1])
+        if x_mask_max is not None:
+            x_mask_max[y0:y1, x0:x1] = torch.maximum(x_mask_max[y0:y1, x0:x1], x_in)
+
+    # first_out: the first instance whose box misses the pixel (n where every box holds it).
+    first_out = torch.zeros((h, w), dtype=torch.long, device=dev)
+    rx0, ry0, rx1, ry1 = 0, 0, w, h
+    for i, (y0, y1, x0, x1) in enumerate(win):
+        rx0, ry0, rx1, ry1 = max(rx0, x0), max(ry0, y0), min(rx1, x1), min(ry1, y1)
+        if rx1 <= rx0 or ry1 <= ry0:
+            break
+        first_out[ry0:ry1, rx0:rx1] = i + 1
+    has_out = first_out < n
+
+    zero = torch.zeros((), dtype=sem_logits.dtype, device=dev)
+    inst_val = torch.where(has_out, torch.maximum(in_val, zero), in_val)
+    inst_idx = torch.where(
+        has_out & (in_val < 0),
+        first_out,
+        torch.where(has_out & (in_val == 0), torch.minimum(in_idx, first_out), in_idx),
+    )
+    take = inst_val > best_val
+    best_val = torch.where(take, inst_val, best_val)
+    best_idx = torch.where(take, num_stuff + inst_idx, best_idx)
+    if x_mask_max is not None and thing_val is not None:
+        x_mask_all = torch.where(has_out, torch.maximum(x_mask_max, zero), x_mask_max)
+        best_idx = torch.where(thing_val - x_mask_all > best_val, num_stuff + n, best_idx)
+    return (best_idx, sem_pred) if return_sem_pred else best_idx  # type: ignore[return-value]
+
+
+# --- training --------------------------------------------------------------------------------
+def instance_index_map(masks: Tensor) -> Tensor:
+    """BoolTensor[N, H, W] non-overlapping instance masks -> LongTensor[H, W] instance index, -1 elsewhere.
+
+    Where masks overlap (they should not in panoptic ground truth) the later instance wins.
+    """
+    n, h, w = masks.shape
+    out = torch.full((h, w), -1, dtype=torch.long, device=masks.device)
+    for i in range(n):
+        out[masks[i]] = i
+    return out
+
+
+def sample_kept_instances(num_instances: int, keep_fraction: float, generator: torch.Generator | None = None) -> Tensor:
+    """Choose round(keep_fraction * N) of N ground-truth instances uniformly at random.
+
+    The rest are labelled unknown in the panoptic training target (paper Sec. 3.1: 30% dropped).
+
+    Returns:
+        BoolTensor[N], True for kept instances.
+    """
+    if not 0.0 <= keep_fraction <= 1.0:
+        raise ValueError(f"keep_fraction must lie in [0, 1], got {keep_fraction}")
+    n_keep = int(math.floor(keep_fraction * num_instances + 0.5))
+    keep = torch.zeros(num_instances, dtype=torch.bool)
+    if n_keep > 0:
+        keep[torch.randperm(num_instances, generator=generator)[:n_keep]] = True
+    return keep
+
+
+def panoptic_targets(
+    sem_seg: Tensor, instance_map: Tensor, keep: Tensor, num_stuff: int, unknown: bool = True
+) -> Tensor:
+    """Per-pixel target channel of Z for the panoptic cross-entropy.
+
+    Args:
+        sem_seg: LongTensor[h, w] class index (stuff first), IGNORE_LABEL on void and crowd.
+        instance_map: LongTensor[h, w] GT instance index (`instance_index_map`), -1 elsewhere.
+        keep: BoolTensor[N] GT instances that get a channel of Z, in GT order.
+        num_stuff: S.
+        unknown: label the pixels of dropped instances with the unknown channel S + K (K kept
+            instances); when False they are ignored.
+
+    Returns:
+        LongTensor[h, w]: stuff index for stuff pixels, S + rank among kept instances for kept
+        instance pixels, S + K (or IGNORE_LABEL) for dropped ones, IGNORE_LABEL elsewhere.
+    """
+    if sem_seg.shape != instance_map.shape:
+        raise ValueError(f"sem_seg {tuple(sem_seg.shape)} and instance map {tuple(instance_map.shape)} differ")
+    n_kept = int(keep.sum())
+    if num_stuff + n_kept + 1 > IGNORE_LABEL:
+        raise ValueError(
+            f"{num_stuff} stuff classes + {n_kept} instances + unknown do not fit below the ignore label {IGNORE_LABEL}"
+        )
+    keep = keep.to(sem_seg.device)
+    # rank of each GT instance among the kept ones; dropped ones map to the unknown channel
+    rank = torch.cumsum(keep.long(), 0) - 1
+    drop_label = num_stuff + n_kept if unknown else IGNORE_LABEL
+    inst_label = torch.where(keep, num_stuff + rank, torch.full_like(rank, drop_label))
+    target = torch.full_like(sem_seg, IGNORE_LABEL)
+    is_stuff = (sem_seg >= 0) & (sem_seg < num_stuff)
+    target[is_stuff] = sem_seg[is_stuff]
+    is_inst = instance_map >= 0
+    if is_inst.any():
+        target[is_inst] = inst_label[instance_map[is_inst]]
+    return target
+
+
+def panoptic_loss(
+    sem_logits: Tensor,
+    boxes: Tensor,
+    thing_labels: Tensor,
+    mask_logits: Tensor,
+    sem_seg: Tensor,
+    instance_map: Tensor,
+    keep: Tensor,
+    num_stuff: int,
+    unknown: bool = True,
+) -> Tensor:
+    """Cross-entropy of the panoptic logits built from ground-truth boxes and classes.
+
+    Gradients reach `sem_logits` (through X_stuff, X_mask and unknown) and `mask_logits`.
+
+    Args:
+        sem_logits: FloatTensor[C, h, w] semantic logits of one image at the loss resolution.
+        boxes: FloatTensor[N, 4] GT boxes in pixels of that resolution.
+        thing_labels: LongTensor[N] GT thing index.
+        mask_logits: FloatTensor[N, M, M] mask-head logits of the GT class at the GT boxes.
+        sem_seg: LongTensor[h, w] class index target at that resolution (IGNORE_LABEL = 255).
+        instance_map: LongTensor[h, w] GT instance index, -1 elsewhere.
+        keep: BoolTensor[N] instances that get a channel (`sample_kept_instances`).
+        num_stuff: S.
+        unknown: predict the unknown class (dropped instances are its target).
+
+    Returns:
+        Scalar FloatTensor; zero (with gradients) when no pixel has a target.
+    """
+    h, w = sem_logits.shape[-2:]
+    kept = torch.nonzero(keep.to(boxes.device)).flatten()
+    kept_boxes = boxes[kept]
+    windows = box_pixel_windows(kept_boxes, (h, w))
+    crops = paste_mask_logits(mask_logits[kept], kept_boxes, (h, w))
+    z = panoptic_logits(sem_logits, windows, thing_labels[kept], crops, num_stuff, unknown=unknown)
+    target = panoptic_targets(sem_seg, instance_map, keep, num_stuff, unknown=unknown)
+    if not (target != IGNORE_LABEL).any():
+        return z.sum() * 0.0
+    return F.cross_entropy(z[None], target[None], ignore_index=IGNORE_LABEL)
+
+
+# --- inference -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PanopticHeadSettings:
+    """Inference settings of the panoptic head (defaults: the paper's COCO values)."""
+
+    # class-agnostic NMS IoU, minimum detection score, detections kept before mask pruning
+    nms_thresh: float = 0.5
+    score_thresh: float = 0.6
+    max_detections: int = 100
+    # a mask is dropped when more than this fraction of it overlaps kept masks of its class
+    mask_overlap_thresh: float = 0.3
+    # stuff segments smaller than this many pixels become void (COCO 4096, Cityscapes 2048)
+    stuff_area: int = 4096
+    # instance class assignment: a stuff majority relabels a region covering at least this much
+    class_assignment: bool = True
+    stuff_majority: float = 0.5
+    # predict the unknown class (its pixels become void)
+    unknown: bool = True
+    # False: use every given instance as is (oracle boxes): no NMS, score filter or top-k
+    filter_detections: bool = True
+    # mask logit magnitude given to binary masks when a prediction has no logits or probabilities
+    binary_mask_logit: float = 10.0
+    # stuff segment score: mean class probability (one more pass over all logits) or 1.0
+    stuff_scores: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: UPSNetConfig) -> PanopticHeadSettings:
+        """From `cfg.model.upsnet`: oracle boxes turn detection filtering off, and the GT class
+        oracle turns the class assignment heuristic off."""
+        return cls(
+            nms_thresh=cfg.nms_thresh,
+            score_thresh=cfg.score_thresh,
+            max_detections=cfg.max_detections,
+            mask_overlap_thresh=cfg.mask_overlap_thresh,
+            stuff_area=cfg.stuff_area,
+            class_assignment=cfg.instance_class_assignment and not cfg.oracle_class_assignment,
+            stuff_majority=cfg.stuff_majority,
+            unknown=cfg.unknown,
+            filter_detections=not cfg.oracle_boxes,
+        )
+
+
+def select_detections(
+    boxes: Tensor, scores: Tensor, nms_thresh: float, score_thresh: float, max_detections: int
+) -> Tensor:
+    """Class-agnostic NMS, then score > score_thresh, then the top `max_detections`.
+
+    Args:
+        boxes: FloatTensor[N, 4] xyxy; scores: FloatTensor[N].
+
+    Returns:
+        LongTensor[K] indices into the inputs, by decreasing score.
+    """
+    if boxes.numel() == 0:
+        return torch.zeros(0, dtype=torch.long, device=boxes.device)
+    keep = nms(boxes.float(), scores.float(), nms_thresh)  # sorted by decreasing score
+    keep = keep[scores[keep] > score_thresh]
+    return keep[:max_detections]
+
+
+def prune_masks(
+    crops: list[Tensor], windows: Tensor, thing_labels: Tensor, overlap_thresh: float, size: tuple[int, int]
+) -> Tensor:
+    """Mask pruning (paper Sec. 3.2), instances given by decreasing score.
+
+    Each mask (logits > 0) is compared with a per-class canvas of the masks kept so far: it is
+    dropped when more than `overlap_thresh` of its pixels are already on the canvas, else added.
+    A mask with no pixel is dropped: it would enter Z with nothing of its own to claim.
+
+    Args:
+        crops: N mask-logit crops on their box pixels (`paste_mask_logits`).
+        windows: LongTensor[N, 4] box pixel ranges.
+        thing_labels: LongTensor[N] thing index.
+        overlap_thresh: 0.3 in the paper.
+        size: (h, w) of the image.
+
+    Returns:
+        BoolTensor[N], True for kept instances.
+    """
+    n = len(crops)
+    dev = windows.device
+    keep = torch.zeros(n, dtype=torch.bool, device=dev)
+    canvases: dict[int, Tensor] = {}
+    for i, ((y0, y1, x0, x1), label) in enumerate(zip(windows.tolist(), thing_labels.tolist(), strict=True)):
+        mask = crops[i] > 0
+        area = int(mask.sum())
+        if area == 0:
+            continue
+        canvas = canvases.get(label)
+        if canvas is None:
+            canvas = canvases[label] = torch.zeros(size, dtype=torch.bool, device=mask.device)
+        region = canvas[y0:y1, x0:x1]
+        if int((region & mask).sum()) > overlap_thresh * area:
+            continue
+        region |= mask
+        keep[i] = True
+    return keep
+
+
+def assign_instance_classes(
+    z_index: Tensor,
+    sem_pred: Tensor,
+    thing_labels: Tensor,
+    num_stuff: int,
+    num_classes: int,
+    stuff_majority: float = 0.5,
+) -> Tensor:
+    """Instance class assignment (paper Sec. 3.1) over the region each instance won in Z.
+
+    If the semantic majority class of the region equals the detected class (ties count as equal)
+    the detected class stays; else if the majority is a stuff class covering at least
+    `stuff_majority` of the region, the region becomes that stuff class; else the detected class
+    stays.
+
+    Args:
+        z_index: LongTensor[h, w] argmax of Z (`panoptic_argmax`).
+        sem_pred: LongTensor[h, w] semantic argmax (class index).
+        thing_labels: LongTensor[N] detected thing index.
+        num_stuff: S; num_classes: C = S + T.
+        stuff_majority: 0.5 in the paper.
+
+    Returns:
+        LongTensor[N] class index of each instance: S + thing index, or a stuff index (< S).
+    """
+    n = int(thing_labels.numel())
+    detected = num_stuff + thing_labels.to(z_index.device)
+    if n == 0:
+        return detected
+    in_inst = (z_index >= num_stuff) & (z_index < num_stuff + n)
+    region = z_index[in_inst] - num_stuff
+    sem = sem_pred[in_inst]
+    counts = torch.bincount(region * num_classes + sem, minlength=n * num_classes).view(n, num_classes)
+    area = counts.sum(dim=1)
+    mode_count, mode = counts.max(dim=1)
+    consistent = counts.gather(1, detected[:, None]).squeeze(1) >= mode_count
+    to_stuff = ~consistent & (mode < num_stuff) & (mode_count >= stuff_majority * area) & (area > 0)
+    return torch.where(to_stuff, mode, detected)
+
+
+def _stuff_mean_probs(sem_logits: Tensor, key: Tensor, num_stuff: int) -> Tensor:
+    """Mean softmax probability of each stuff class over the pixels whose key is that class.
+
+    Args:
+        sem_logits: FloatTensor[C, h, w].
+        key: LongTensor[h, w] stuff index where a pixel belongs to a stuff segment, else < 0 or
+            >= S.
+
+    Returns:
+        FloatTensor[S] (0 for classes without pixels).
+    """
+    is_stuff = (key >= 0) & (key < num_stuff)
+    log_norm = torch.logsumexp(sem_logits.float(), dim=0)
+    own = sem_logits.float().gather(0, torch.where(is_stuff, key, 0)[None])[0]
+    prob = torch.exp(own - log_norm)[is_stuff].double()
+    cls = key[is_stuff]
+    total = torch.zeros(num_stuff, dtype=torch.float64, device=key.device).index_add_(0, cls, prob)
+    count = torch.bincount(cls, minlength=num_stuff).double()
+    return (total / count.clamp(min=1)).float()
+
+
+def compose_panoptic(
+    z_index: Tensor,
+    instance_class: Tensor,
+    scores: Tensor,
+    meta: DatasetMeta,
+    stuff_area: int,
+    unknown: bool = True,
+    sem_logits: Tensor | None = None,
+) -> tuple[Tensor, list[SegmentInfo]]:
+    """Turn the argmax of Z into an id map and its segments.
+
+    Unknown pixels become void; instances relabelled to stuff join that stuff class's segment;
+    stuff segments under `stuff_area` pixels become void; instances that won no pixel vanish.
+
+    Args:
+        z_index: LongTensor[h, w] argmax of Z (S + N + 1 channels when `unknown`, else S + N).
+        instance_class: LongTensor[N] class index per instance (`assign_instance_classes`).
+        scores: FloatTensor[N] detection scores.
+        meta: the dataset's classes.
+        stuff_area: minimum stuff segment area in pixels.
+        unknown: whether the last channel of Z is the unknown class.
+        sem_logits: FloatTensor[C, h, w]: when given, a stuff segment's score is the mean softmax
+            probability of its class over its pixels (one more pass over all C x h x w logits);
+            else 1.0, as nothing downstream (PQ, COCO-panoptic files) reads it.
+
+    Returns:
+        IntTensor[h, w] (int32) segment ids (instances 1..K in channel order, then stuff by class
+        index), and their SegmentInfo (area and bbox filled).
+    """
+    s = meta.num_stuff
+    n = int(instance_class.numel())
+    dev = z_index.device
+    h, w = z_index.shape
+    instance_class = instance_class.to(dev)
+    # key per Z channel: stuff class k -> k, instance i -> S + i (or its stuff class), unknown -> -1
+    parts = [
+        torch.arange(s, device=dev),
+        torch.where(instance_class < s, instance_class, s + torch.arange(n, device=dev)),
+    ]
+    if unknown:
+        parts.append(torch.full((1,), -1, device=dev))
+    key = torch.cat(parts)[z_index]
+    area = torch.bincount((key + 1).flatten(), minlength=s + n + 1)[1:]
+    inst_order = torch.nonzero(area[s:] > 0).flatten()
+    stuff_order = torch.nonzero(area[:s] >= max(stuff_area, 1)).flatten()
+    n_inst, n_stuff = inst_order.numel(), stuff_order.numel()
+    id_lut = torch.zeros(s + n + 1, dtype=torch.int32, device=dev)  # indexed by key + 1; 0 = void
+    id_lut[s + 1 + inst_order] = torch.arange(1, n_inst + 1, dtype=torch.int32, device=dev)
+    id_lut[1 + stuff_order] = torch.arange(n_inst + 1, n_inst + n_stuff + 1, dtype=torch.int32, device=dev)
+    panoptic = id_lut[key + 1]
+
+    flat_ids = panoptic.flatten().long()
+    ys = torch.arange(h, device=dev).repeat_interleave(w)
+    xs = torch.arange(w, device=dev).repeat(h)
+    big = max(h, w) + 1
+    num = n_inst + n_stuff + 1
+    bx0 = torch.full((num,), big, device=dev).scatter_reduce(0, flat_ids, xs, "amin")
+    by0 = torch.full((num,), big, device=dev).scatter_reduce(0, flat_ids, ys, "amin")
+    bx1 = torch.full((num,), -1, device=dev).scatter_reduce(0, flat_ids, xs, "amax")
+    by1 = torch.full((num,), -1, device=dev).scatter_reduce(0, flat_ids, ys, "amax")
+    bbox = torch.stack([bx0, by0, bx1 - bx0 + 1, by1 - by0 + 1], dim=1).tolist()
+
+    stuff_scores = [1.0] * s
+    if sem_logits is not None and n_stuff:
+        stuff_key = torch.where(panoptic != VOID_ID, key, -1)
+        stuff_scores = _stuff_mean_probs(sem_logits, stuff_key, s).tolist()
+
+    areas = area.tolist()
+    score_list = scores.tolist()
+    class_list = instance_class.tolist()
+    segments: list[SegmentInfo] = []
+    for seg_id, i in enumerate(inst_order.tolist(), start=1):
+        segments.append(
+            SegmentInfo(
+                id=seg_id,
+                category_id=meta.thing_dataset_id(class_list[i] - s),
+                isthing=True,
+                area=int(areas[s + i]),
+                bbox=tuple(bbox[seg_id]),
+                score=float(score_list[i]),
+            )
+        )
+    for seg_id, k in enumerate(stuff_order.tolist(), start=n_inst + 1):
+        segments.append(
+            SegmentInfo(
+                id=seg_id,
+                category_id=meta.stuff_dataset_id(k),
+                isthing=False,
+                area=int(areas[k]),
+                bbox=tuple(bbox[seg_id]),
+                score=float(stuff_scores[k]),
+            )
+        )
+    return panoptic, segments
+
+
+def _instance_mask_crops(
+    raw: RawPrediction, index: Tensor, boxes: Tensor, windows: Tensor, binary_mask_logit: float, where: str
+) -> list[Tensor]:
+    """Mask-logit crops of the selected instances from whatever the prediction carries.
+
+    Priority: extras["full_mask_logits"] FloatTensor[N, h, w]; extras["mask_logits"]
+    FloatTensor[N, M, M]; `masks` BoolTensor[N, h, w] (as +-binary_mask_logit); `mask_probs`
+    FloatTensor[N, M, M] (as logits).
+    """
+    h, w = raw.sem_logits.shape[-2:]
+    full = raw.extras.get("full_mask_logits")
+    if full is not None:
+        if full.shape[0] != len(raw) or tuple(full.shape[-2:]) != (h, w):
+            raise ValueError(
+                f"{where}: extras['full_mask_logits'] has shape {tuple(full.shape)}, expected [{len(raw)}, {h}, {w}]"
+            )
+        return crop_full_mask_logits(full[index], windows)
+    grid = raw.extras.get("mask_logits")
+    if grid is not None:
+        if grid.shape[0] != len(raw):
+            raise ValueError(f"{where}: extras['mask_logits'] has {grid.shape[0]} masks for {len(raw)} instances")
+        return paste_mask_logits(grid[index], boxes, (h, w))
+    if raw.masks is not None:
+        if raw.masks.shape[0] != len(raw) or tuple(raw.masks.shape[-2:]) != (h, w):
+            raise ValueError(f"{where}: masks have shape {tuple(raw.masks.shape)}, expected [{len(raw)}, {h}, {w}]")
+        signed = raw.masks[index].to(raw.sem_logits.dtype) * (2 * binary_mask_logit) - binary_mask_logit
+        return crop_full_mask_logits(signed, windows)
+    if raw.mask_probs is not None:
+        if raw.mask_probs.shape[0] != len(raw):
+            raise ValueError(f"{where}: mask_probs has {raw.mask_probs.shape[0]} masks for {len(raw)} instances")
+        return paste_mask_logits(torch.logit(raw.mask_probs[index].float(), eps=1e-6), boxes, (h, w))
+    raise ValueError(
+        f"{where}: {len(raw)} instances but no mask logits (extras 'mask_logits' or 'full_mask_logits'), "
+        "masks or mask_probs"
+    )
+
+
+def upsnet_fusion(
+    raw: RawPrediction,
+    meta: DatasetMeta,
+    settings: PanopticHeadSettings | None = None,
+    image_id: str = "",
+) -> PanopticResult:
+    """UPSNet inference: detections + semantic logits -> panoptic segmentation at (h, w).
+
+    Steps (paper Sec. 3.1-3.2): class-agnostic NMS, score filter and top-k; mask pruning;
+    argmax of Z at the logits' resolution; unknown -> void; instance class assignment; stuff
+    area filter.
+
+    Args:
+        raw: prediction with `sem_space == "all"`: sem_logits FloatTensor[S + T, h, w] at the input
+            size, boxes FloatTensor[N, 4] in its pixels, scores FloatTensor[N], labels LongTensor[N]
+            (thing index), and mask logits (see `_instance_mask_crops` for the accepted forms).
+        meta: the dataset's classes.
+        settings: inference settings; None = the paper's COCO defaults.
+        image_id: copied to the result, and named in errors.
+
+    Returns:
+        PanopticResult with `raw` attached.
+    """
+    settings = settings or PanopticHeadSettings()
+    where = f"image {image_id!r}" if image_id else "prediction"
+    if raw.sem_space != "all":
+        raise ValueError(
+            f"{where}: UPSNet fusion needs sem_space 'all' (stuff + every thing class), got {raw.sem_space!r}"
+        )
+    sem_logits = raw.sem_logits
+    if sem_logits.dim() != 3 or sem_logits.shape[0] != meta.num_classes:
+        raise ValueError(
+            f"{where}: semantic logits of shape {tuple(sem_logits.shape)}, expected [{meta.num_classes}, h, w] "
+            f"({meta.num_stuff} stuff + {meta.num_things} things)"
+        )
+    n = len(raw)
+    if raw.boxes.shape != (n, 4) or raw.labels.shape != (n,):
+        raise ValueError(f"{where}: {n} scores but boxes {tuple(raw.boxes.shape)} and labels {tuple(raw.labels.shape)}")
+    if n and (int(raw.labels.min()) < 0 or int(raw.labels.max()) >= meta.num_things):
+        raise ValueError(f"{where}: thing labels {raw.labels.tolist()} outside [0, {meta.num_things})")
+    h, w = sem_logits.shape[-2:]
+    s = meta.num_stuff
+    unknown = settings.unknown and meta.num_things > 0
+
+    if settings.filter_detections:
+        index = select_detections(
+            raw.boxes, raw.scores, settings.nms_thresh, settings.score_thresh, settings.max_detections
+        )
+    else:
+        index = torch.argsort(raw.scores, descending=True, stable=True)
+    boxes = raw.boxes[index].to(sem_logits.dtype)
+    labels = raw.labels[index]
+    windows = box_pixel_windows(boxes, (h, w))
+    crops = _instance_mask_crops(raw, index, boxes, windows, settings.binary_mask_logit, where)
+    kept = prune_masks(crops, windows, labels, settings.mask_overlap_thresh, (h, w))
+    kept_list = torch.nonzero(kept).flatten().tolist()
+    index = index[kept]
+    labels = labels[kept]
+    windows = windows[kept]
+    crops = [crops[i] for i in kept_list]
+
+    need_sem_pred = settings.class_assignment and bool(crops) and raw.sem_pred is None
+    out = panoptic_argmax(sem_logits, windows, labels, crops, s, unknown=unknown, return_sem_pred=need_sem_pred)
+    z_index, sem_pred = out if isinstance(out, tuple) else (out, raw.sem_pred)
+    if settings.class_assignment and crops:
+        assert sem_pred is not None
+        instance_class = assign_instance_classes(
+            z_index, sem_pred, labels, s, meta.num_classes, settings.stuff_majority
+        )
+    else:
+        instance_class = s + labels
+    panoptic, segments = compose_panoptic(
+        z_index,
+        instance_class,
+        raw.scores[index],
+        meta,
+        settings.stuff_area,
+        unknown=unknown,
+        sem_logits=sem_logits if settings.stuff_scores else None,
+    )
+    return PanopticResult(panoptic=panoptic, segments=segments, image_id=image_id, raw=raw)
+
+
+# --- oracle ----------------------------------------------------------------------------------
+def oracle_sem_logits(sem_seg: Tensor, num_classes: int, scale: float = 10.0) -> Tensor:
+    """One-hot ground-truth semantic logits: `scale` on the GT class, 0 elsewhere.
+
+    Args:
+        sem_seg: LongTensor[h, w] class index, IGNORE_LABEL where unknown (all-zero logits).
+        num_classes: C.
+        scale: the logit of the GT class.
+
+    Returns:
+        FloatTensor[C, h, w].
+    """
+    valid = sem_seg != IGNORE_LABEL
+    if valid.any() and (int(sem_seg[valid].max()) >= num_classes or int(sem_seg[valid].min()) < 0):
+        raise ValueError(f"sem_seg has classes outside [0, {num_classes}) besides the ignore label")
+    h, w = sem_seg.shape
+    out = torch.zeros((num_classes, h, w), dtype=torch.float32, device=sem_seg.device)
+    out.scatter_(0, torch.where(valid, sem_seg, 0)[None], (valid.float() * scale)[None])
+    return out
+
+
+def oracle_raw_prediction(
+    target: PanopticTarget, meta: DatasetMeta, scale: float = 10.0, include_crowd: bool = True
+) -> RawPrediction:
+    """A RawPrediction made of ground truth (the oracle rows of the paper's Table 6, all at once).
+
+    GT boxes and classes with score 1, GT masks as +-scale full-image logits, one-hot GT semantic
+    logits (crowd pixels carry their crowd class: it is what they show).
+
+    Why crowd regions enter as instances (`include_crowd`): a crowd pixel inside the box of a GT
+    instance of the crowd's class has X_mask = scale and Y_mask = -scale there, so its instance
+    logit, the unknown logit and the stuff logits all tie at 0 and the first stuff class takes
+    it; a stuff segment made of crowd pixels is a false positive for PQ. As an instance of its
+    own, the crowd region becomes a thing segment lying on a same-class crowd region, which PQ
+    ignores, just as it ignores a detector's crowd detections.
+
+    Args:
+        target: the ground truth of one image.
+        meta: its classes.
+        scale: logit magnitude.
+        include_crowd: add each crowd segment as an instance (after the real instances).
+
+    Returns:
+        RawPrediction with sem_space "all", boxes/labels/scores/masks, and
+        extras["full_mask_logits"] FloatTensor[N, h, w].
+    """
+    sem_seg = target.sem_seg.clone()
+    boxes, labels, masks = [target.boxes.float()], [target.labels], [target.masks]
+    crowd_segments = [seg for seg in target.segments if seg.iscrowd]
+    for seg in crowd_segments:
+        region = target.panoptic == seg.id
+        sem_seg[region] = meta.class_index(seg.category_id)
+        if include_crowd and meta.isthing(seg.category_id):
+            masks.append(region[None])
+            boxes.append(masks_to_boxes(region[None]))
+            labels.append(torch.tensor([meta.thing_index(seg.category_id)]))
+    mask_t = torch.cat(masks)
+    return RawPrediction(
+        boxes=torch.cat(boxes),
+        scores=torch.ones(mask_t.shape[0]),
+        labels=torch.cat(labels).long(),
+        sem_logits=oracle_sem_logits(sem_seg, meta.num_classes, scale),
+        masks=mask_t,
+        sem_space="all",
+        extras={"full_mask_logits": mask_t.float() * (2 * scale) - scale},
+    )

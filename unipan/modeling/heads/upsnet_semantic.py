@@ -1,0 +1,255 @@
+"""UPSNet's semantic head (Xiong et al., CVPR 2019, Sec. 3.1 and Fig. 2), its RoI loss and the
+COCO global-context module.
+
+- One sub-network shared by P2-P5: `num_convs` deformable 3x3 convs with ReLU, no norm
+  (DCNv1: offsets from a plain 3x3 conv with 2 * 3 * 3 = 18 channels, initialised to zero so
+  the head starts as a plain conv net); the first convs keep the input width, the last outputs
+  `out_channels` (256 -> 256 -> 128 in the released code).
+- The P3-P5 outputs are bilinearly upsampled to P2's size and concatenated (4 x 128 = 512
+  channels, the "semantic feature"); a 1x1 conv scores all S + T classes, stuff first.
+- RoI loss: RoIAlign (28 x 28) of the semantic feature at the GT boxes, through the same 1x1
+  scorer, cross-entropy against the GT semantic crop resized (nearest) to 28 x 28.
+- Global context (COCO): global-average-pooled res5 -> Linear(2048 -> 256), added to P5's
+  lateral before the FPN's top-down path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import DeformConv2d, roi_align
+
+from unipan.modeling.heads.semantic_fpn import semantic_loss
+from unipan.structures import IGNORE_LABEL
+
+__all__ = [
+    "DeformableConvBlock",
+    "GlobalContext",
+    "UPSNetSemanticHead",
+    "roi_semantic_targets",
+    "semantic_roi_loss",
+]
+
+
+class DeformableConvBlock(nn.Module):
+    """3x3 DCNv1 conv + ReLU, or a plain 3x3 conv + ReLU when `deformable` is False.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels.
+        deformable: use a deformable conv whose offsets come from a zero-initialised 3x3 conv.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, deformable: bool = True) -> None:
+        super().__init__()
+        self.deformable = deformable
+        self.offset: nn.Conv2d | None
+        if deformable:
+            # 2 offsets (dy, dx) for each of the 3 x 3 kernel taps
+            self.offset = nn.Conv2d(in_channels, 18, kernel_size=3, padding=1)
+            nn.init.zeros_(self.offset.weight)
+            nn.init.zeros_(self.offset.bias)
+            self.conv: nn.Module = DeformConv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        else:
+            self.offset = None
+            self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        weight = self.conv.weight
+        bias = self.conv.bias
+        assert isinstance(weight, Tensor) and isinstance(bias, Tensor)
+        nn.init.kaiming_normal_(weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """FloatTensor[B, in, H, W] -> FloatTensor[B, out, H, W]."""
+        if self.offset is not None:
+            return F.relu(self.conv(x, self.offset(x)))
+        return F.relu(self.conv(x))
+
+
+class UPSNetSemanticHead(nn.Module):
+    """Shared deformable sub-network over P2-P5, concatenation at stride 4, 1x1 class scorer.
+
+    Args:
+        in_shapes: {feature name: (channels, stride)} of the backbone (`output_shape()`).
+        num_classes: C = S + T (stuff first, then things: the class index space).
+        in_features: the pyramid levels used, finest first (its stride is the output stride).
+        num_convs: layers of the shared sub-network (3 on COCO, 2 on Cityscapes).
+        mid_channels: width of all but the last layer.
+        out_channels: width of the last layer (per level; the semantic feature has
+            len(in_features) * out_channels channels).
+        deformable: DCNv1 layers (True) or plain 3x3 convs (ablation).
+
+    Attributes:
+        feature_channels: channels of the concatenated semantic feature (512 by default).
+        common_stride: stride of the logits and the semantic feature (4).
+    """
+
+    def __init__(
+        self,
+        *,
+        in_shapes: dict[str, tuple[int, int]],
+        num_classes: int,
+        in_features: Sequence[str] = ("p2", "p3", "p4", "p5"),
+        num_convs: int = 3,
+        mid_channels: int = 256,
+        out_channels: int = 128,
+        deformable: bool = True,
+    ) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        if num_convs < 1:
+            raise ValueError(f"the semantic sub-network needs at least one conv, got num_convs={num_convs}")
+        missing = [f for f in in_features if f not in in_shapes]
+        if missing:
+            raise ValueError(f"semantic head inputs {missing} not among backbone outputs {sorted(in_shapes)}")
+        channels = {in_shapes[f][0] for f in in_features}
+        if len(channels) != 1:
+            raise ValueError(
+                f"levels {list(in_features)} share one sub-network and need equal channels, got {channels}"
+            )
+        strides = [in_shapes[f][1] for f in in_features]
+        if strides != sorted(strides):
+            raise ValueError(f"in_features must go from fine to coarse, got strides {strides}")
+        in_channels = channels.pop()
+        self.in_features = list(in_features)
+        self.num_classes = num_classes
+        self.common_stride = strides[0]
+        widths = [in_channels] + [mid_channels] * (num_convs - 1) + [out_channels]
+        self.subnet = nn.Sequential(
+            *(DeformableConvBlock(widths[k], widths[k + 1], deformable) for k in range(num_convs))
+        )
+        self.feature_channels = out_channels * len(self.in_features)
+        self.scorer = nn.Conv2d(self.feature_channels, num_classes, kernel_size=1)
+        nn.init.normal_(self.scorer.weight, std=0.01)
+        nn.init.zeros_(self.scorer.bias)
+
+    def semantic_feature(self, features: dict[str, Tensor]) -> Tensor:
+        """The concatenated stride-4 feature before the scorer.
+
+        Args:
+            features: backbone features holding `in_features`, FloatTensor[B, Cin, H/s, W/s].
+
+        Returns:
+            FloatTensor[B, feature_channels, H/4, W/4].
+        """
+        outs: list[Tensor] = []
+        size: tuple[int, int] | None = None
+        for name in self.in_features:
+            y = self.subnet(features[name])
+            if size is None:
+                size = (int(y.shape[-2]), int(y.shape[-1]))
+            elif tuple(y.shape[-2:]) != size:
+                y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+            outs.append(y)
+        return torch.cat(outs, dim=1)
+
+    def forward(self, features: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Semantic logits and feature at stride 4.
+
+        Args:
+            features: backbone features holding `in_features`.
+
+        Returns:
+            (logits FloatTensor[B, C, H/4, W/4], semantic feature FloatTensor[B, 512, H/4, W/4]).
+        """
+        feature = self.semantic_feature(features)
+        return self.scorer(feature), feature
+
+    def roi_logits(self, feature: Tensor, boxes: Sequence[Tensor], output_size: int = 28) -> Tensor:
+        """Class logits of RoIs: RoIAlign of the semantic feature, then the shared 1x1 scorer.
+
+        Args:
+            feature: FloatTensor[B, 512, H/4, W/4] from `forward`.
+            boxes: per image FloatTensor[K_i, 4] xyxy boxes in input pixels.
+            output_size: RoI resolution (28).
+
+        Returns:
+            FloatTensor[sum K_i, C, output_size, output_size].
+        """
+        pooled = roi_align(
+            feature,
+            [b.to(feature.dtype) for b in boxes],
+            output_size=output_size,
+            spatial_scale=1.0 / self.common_stride,
+            sampling_ratio=2,
+            aligned=True,
+        )
+        return self.scorer(pooled)
+
+
+def roi_semantic_targets(sem_seg: Tensor, boxes: Tensor, output_size: int = 28) -> Tensor:
+    """The GT semantic map inside each box, resized (nearest) to output_size x output_size.
+
+    Cell (j, k) takes the label of the pixel under its centre, the point RoIAlign (aligned)
+    samples around, so targets and logits describe the same spot.
+
+    Args:
+        sem_seg: LongTensor[H, W] class index, IGNORE_LABEL on void/crowd/padding.
+        boxes: FloatTensor[K, 4] xyxy boxes in the pixels of `sem_seg`.
+        output_size: 28.
+
+    Returns:
+        LongTensor[K, output_size, output_size].
+    """
+    k = boxes.shape[0]
+    h, w = sem_seg.shape
+    if k == 0:
+        return sem_seg.new_full((0, output_size, output_size), IGNORE_LABEL)
+    boxes = boxes.to(torch.float64)
+    centres = (torch.arange(output_size, dtype=torch.float64, device=boxes.device) + 0.5) / output_size
+    ys = boxes[:, 1:2] + centres[None] * (boxes[:, 3:4] - boxes[:, 1:2])
+    xs = boxes[:, 0:1] + centres[None] * (boxes[:, 2:3] - boxes[:, 0:1])
+    rows = ys.floor().long().clamp(0, h - 1)
+    cols = xs.floor().long().clamp(0, w - 1)
+    return sem_seg[rows[:, :, None], cols[:, None, :]]
+
+
+def semantic_roi_loss(
+    head: UPSNetSemanticHead,
+    feature: Tensor,
+    boxes: Sequence[Tensor],
+    sem_segs: Sequence[Tensor],
+    output_size: int = 28,
+) -> Tensor:
+    """The RoI loss: cross-entropy of the scorer's RoI logits against GT semantic crops.
+
+    Args:
+        head: the semantic head (its scorer is shared).
+        feature: FloatTensor[B, 512, H/4, W/4] semantic feature.
+        boxes: per image FloatTensor[K_i, 4] GT boxes in input pixels.
+        sem_segs: per image LongTensor[h_i, w_i] (or the padded [Hp, Wp]) class index targets.
+        output_size: 28.
+
+    Returns:
+        FloatTensor[] mean over the labelled RoI cells; 0 (keeping the graph) without any box.
+    """
+    if len(boxes) != len(sem_segs):
+        raise ValueError(f"{len(boxes)} box sets for {len(sem_segs)} semantic maps")
+    targets = torch.cat([roi_semantic_targets(s, b, output_size) for s, b in zip(sem_segs, boxes, strict=True)])
+    if targets.shape[0] == 0:
+        return feature.sum() * 0.0
+    logits = head.roi_logits(feature, boxes, output_size)
+    return semantic_loss(logits, targets)
+
+
+class GlobalContext(nn.Module):
+    """COCO global context: GAP(res5) -> Linear, a per-image vector added to P5's lateral.
+
+    Args:
+        in_channels: res5 channels (2048 for ResNet-50).
+        out_channels: FPN channels (256).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_channels, out_channels)
+        nn.init.normal_(self.fc.weight, std=0.01)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, res5: Tensor) -> Tensor:
+        """FloatTensor[B, in, H, W] -> FloatTensor[B, out, 1, 1] (broadcasts over P5's lateral)."""
+        return self.fc(res5.mean(dim=(2, 3)))[:, :, None, None]
