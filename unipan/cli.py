@@ -29,29 +29,14 @@ def _add_data(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
 
 # --- pq --------------------------------------------------------------------------------------
 def _add_pq(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from unipan.evaluation.pq import add_pq_arguments, run_pq
+
     p = sub.add_parser(
         "pq",
         help="PQ/SQ/RQ of COCO-panoptic predictions against ground truth (as panopticapi pq_compute)",
     )
-    p.add_argument("--gt-json", required=True, type=Path, help="ground-truth COCO-panoptic JSON")
-    p.add_argument("--gt-dir", required=True, type=Path, help="folder of ground-truth panoptic PNGs")
-    p.add_argument("--pred-json", required=True, type=Path, help="prediction COCO-panoptic JSON")
-    p.add_argument("--pred-dir", required=True, type=Path, help="folder of predicted panoptic PNGs")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    p.add_argument("--json", type=Path, default=None, help="write the result as pq_compute's dict")
-    p.set_defaults(func=_pq_main)
-
-
-def _pq_main(args: argparse.Namespace) -> int:
-    from unipan.evaluation.pq import pq_compute_folders
-    from unipan.io import save_json
-
-    result = pq_compute_folders(args.gt_json, args.gt_dir, args.pred_json, args.pred_dir, workers=args.workers)
-    print(result.table())
-    if args.json is not None:
-        save_json(args.json, result.to_dict(), indent=2)
-        print(f"wrote {args.json}")
-    return 0
+    add_pq_arguments(p)
+    p.set_defaults(func=run_pq)
 
 
 # --- viz -------------------------------------------------------------------------------------
