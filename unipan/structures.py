@@ -462,7 +462,8 @@ class PanopticResult:
     Attributes:
         panoptic: IntTensor[H, W] (int32) segment ids, 0 = void.
         segments: one SegmentInfo per id present in `panoptic` (category_id is a dataset id;
-            `score` is the detection score for things, the mean class probability for stuff).
+            `score` is the detection score for things; for stuff 1.0, or the mean softmax
+            probability of its class when the fusion ran with `stuff_scores=True`).
         image_id: the image's id.
         raw: the RawPrediction it came from (kept for mask AP / mIoU), or None.
     """
