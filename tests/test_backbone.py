@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,17 +12,6 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from unipan.config import BackboneConfig
 from unipan.modeling.backbone import RESNET_SPECS, ResNetTrunk, build_backbone, convert_frozen_batchnorm
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread for these small convolutions (see tests/test_panoptic_fpn.py: on the
-    shared 2-core machine a second OpenMP thread spins against other jobs and costs 5-20x)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 TINY = {"name": "resnet18", "base_width": 16, "depths": [1, 1, 1, 1], "fpn_channels": 32, "freeze_at": 0}
 

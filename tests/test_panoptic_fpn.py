@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,20 +35,6 @@ from unipan.structures import (
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "panoptic_fpn" / "tiny_synth.yaml"
 LOSS_NAMES = {"loss_rpn_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask", "loss_sem_seg"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Run this module's tiny models on one intra-op thread, restoring the setting afterwards.
-
-    Measured on the shared 2-core machine with other jobs running: a tiny train step (batch 4,
-    64 x 64) took 3-17 s with 2 threads (OpenMP workers spin against the other processes) and
-    0.6-0.8 s with 1; these models are too small to gain from a second thread.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_config(*overrides: str) -> Config:
@@ -397,7 +382,7 @@ def test_bad_targets_and_batches_are_named() -> None:
 # --- registry and configs -------------------------------------------------------------------------
 def test_registry_unknown_name_lists_known() -> None:
     cfg = tiny_config("model.name=nope")
-    with pytest.raises(ValueError, match=r"unknown model 'nope'.*\['panoptic_fpn'\]"):
+    with pytest.raises(ValueError, match=r"unknown model 'nope'.*'panoptic_fpn'.*'upsnet'"):
         build_model(cfg, SyntheticPanoptic(1).meta)
     assert MODELS["panoptic_fpn"] is build_panoptic_fpn
 

@@ -44,16 +44,6 @@ S = META.num_stuff
 NO_FILTER = PanopticHeadSettings(stuff_area=0, filter_detections=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are small: on 2 shared cores, intra-op threads cost more than they give
-    (the oracle tests ran 20x slower with 2 threads under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _raw(
     sem_logits: torch.Tensor,
     boxes: list[list[float]],

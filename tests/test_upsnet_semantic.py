@@ -20,15 +20,6 @@ from unipan.structures import IGNORE_LABEL
 SHAPES = {f"p{k}": (8, 2**k) for k in range(2, 7)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors on 2 shared cores: intra-op threads cost more than they give."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _features(batch: int, size: int, channels: int = 8, dtype: torch.dtype = torch.float32, seed: int = 0) -> dict:
     gen = torch.Generator().manual_seed(seed)
     return {

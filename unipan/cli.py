@@ -135,7 +135,11 @@ VERBS: list[Callable[[argparse._SubParsersAction], None]] = [  # type: ignore[ty
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="unipan", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="unipan",
+        description="unipan: unified panoptic segmentation (Panoptic FPN, UPSNet, ...): data, training, "
+        "evaluation (PQ as panopticapi), prediction and pictures.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="verb", required=True)
     for add in VERBS:
