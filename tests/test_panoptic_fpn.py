@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from helpers import stuff_only, synth_batch
 from PIL import Image
 
 from unipan.config import Config, FusionConfig, load_config
@@ -39,25 +40,6 @@ LOSS_NAMES = {"loss_rpn_objectness", "loss_rpn_box_reg", "loss_classifier", "los
 
 def tiny_config(*overrides: str) -> Config:
     return load_config(TINY_CONFIG, list(overrides))
-
-
-def synth_batch(n: int, size: tuple[int, int] = (64, 64), seed: int = 0, **opts: object) -> tuple[Batch, DatasetMeta]:
-    ds = SyntheticPanoptic(n, seed=seed, opts=SynthOptions(size=size, **opts), transform=Normalize())  # type: ignore[arg-type]
-    return collate([ds[i] for i in range(n)]), ds.meta
-
-
-def stuff_only(batch: Batch, meta: DatasetMeta, index: int) -> Batch:
-    """`batch` with image `index`'s things relabelled as void: a target with zero instances."""
-    assert batch.targets is not None
-    t = batch.targets[index]
-    keep = [s for s in t.segments if not s.isthing]
-    kept_ids = torch.tensor([s.id for s in keep], dtype=torch.int32)
-    panoptic = torch.where(torch.isin(t.panoptic, kept_ids), t.panoptic, torch.zeros_like(t.panoptic))
-    empty = PanopticTarget.from_panoptic(panoptic, keep, meta, image_id=t.image_id)
-    assert len(empty) == 0
-    targets = list(batch.targets)
-    targets[index] = empty
-    return replace(batch, targets=targets)
 
 
 # --- semantic branch -------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import stuff_only, synth_batch
 
 from unipan.config import Config, load_config
 from unipan.data.collate import collate
@@ -19,7 +20,7 @@ from unipan.fusion.upsnet_head import oracle_sem_logits
 from unipan.modeling.backbone import build_backbone
 from unipan.modeling.heads.upsnet_semantic import GlobalContext
 from unipan.modeling.models.upsnet import ContextFPN, UPSNet, build_upsnet
-from unipan.structures import Batch, DatasetMeta, PanopticTarget
+from unipan.structures import DatasetMeta, PanopticTarget
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "upsnet"
@@ -37,24 +38,6 @@ LOSS_NAMES = {
 
 def tiny_config(*overrides: str) -> Config:
     return load_config(CONFIGS / "tiny_synth.yaml", list(overrides))
-
-
-def synth_batch(n: int, size: tuple[int, int] = (64, 64), seed: int = 0) -> tuple[Batch, DatasetMeta]:
-    ds = SyntheticPanoptic(n, seed=seed, opts=SynthOptions(size=size), transform=Normalize())
-    return collate([ds[i] for i in range(n)]), ds.meta
-
-
-def without_things(batch: Batch, meta: DatasetMeta, index: int) -> Batch:
-    """`batch` with image `index`'s things made void: a target with zero instances."""
-    assert batch.targets is not None
-    t = batch.targets[index]
-    keep = [s for s in t.segments if not s.isthing]
-    ids = torch.tensor([s.id for s in keep], dtype=torch.int32)
-    panoptic = torch.where(torch.isin(t.panoptic, ids), t.panoptic, torch.zeros_like(t.panoptic))
-    targets = list(batch.targets)
-    targets[index] = PanopticTarget.from_panoptic(panoptic, keep, meta, image_id=t.image_id)
-    assert len(targets[index]) == 0
-    return replace(batch, targets=targets)
 
 
 def test_train_step_losses_and_gradients() -> None:
@@ -80,7 +63,7 @@ def test_train_step_losses_and_gradients() -> None:
 def test_images_without_instances_train() -> None:
     torch.manual_seed(0)
     batch, meta = synth_batch(2)
-    batch = without_things(without_things(batch, meta, 0), meta, 1)
+    batch = stuff_only(stuff_only(batch, meta, 0), meta, 1)
     model = build_upsnet(tiny_config(), meta).train()
     losses = model(batch)
     assert all(math.isfinite(float(v.detach())) for v in losses.values())
