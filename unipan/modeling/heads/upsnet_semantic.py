@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torchvision.ops import DeformConv2d, roi_align
 
 from unipan.modeling.heads.semantic_fpn import semantic_loss
+from unipan.modeling.layers.deform_conv import deform_conv2d_any
 from unipan.structures import IGNORE_LABEL
 
 __all__ = [
@@ -65,7 +66,10 @@ class DeformableConvBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """FloatTensor[B, in, H, W] -> FloatTensor[B, out, H, W]."""
         if self.offset is not None:
-            return F.relu(self.conv(x, self.offset(x)))
+            # the module holds the parameters; the op is chosen per device (see deform_conv.py)
+            conv = self.conv
+            assert isinstance(conv, DeformConv2d)
+            return F.relu(deform_conv2d_any(x, self.offset(x), conv.weight, conv.bias, padding=1))
         return F.relu(self.conv(x))
 
 
