@@ -71,8 +71,7 @@ def evaluate_checkpoint(
         model, val_set, meta, device, size_divisibility=cfg.data.size_divisibility, out_dir=out
     )
     print(result.pq.table())
-    if result.miou is not None:
-        print(f"mIoU {100 * result.miou:.2f}")
+    print(f"mIoU {100 * result.miou:.2f}")
     report = {**result.pq.to_dict(), "miou": result.miou}
     if out is not None:
         save_json(Path(out) / "pq.json", report, indent=2)
@@ -189,7 +188,7 @@ def _report_md(result: Any, out: Path, run_dir: Path, pictures: list[Path], trai
         f"| {k} | {100 * d[k]['pq']:.1f} | {100 * d[k]['sq']:.1f} | {100 * d[k]['rq']:.1f} | {d[k]['n']} |"
         for k in ("All", "Things", "Stuff")
     )
-    miou = "" if result.miou is None else f"\nmIoU: {100 * result.miou:.1f}\n"
+    miou = f"\nmIoU: {100 * result.miou:.1f}\n"
     pics = "\n".join(f"- {p.relative_to(out)}" for p in pictures)
     return f"""# unipan demo: {model} on the synthetic dataset
 

@@ -125,18 +125,8 @@ def _load_image(image: ImageInput, where: str) -> np.ndarray:
 
 
 def _read_image_file(path: Path) -> np.ndarray:
-    try:
-        from unipan.data.image import read_image
-    except ImportError:  # the data package's reader applies the same conventions; PIL is the fallback
-        from PIL import Image, ImageOps
+    from unipan.data.image import read_image
 
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: image file not found") from None
-        try:
-            with Image.open(path) as im:
-                return np.asarray(ImageOps.exif_transpose(im).convert("RGB"), dtype=np.uint8)
-        except OSError as e:
-            raise ValueError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
     return read_image(path)
 
 

@@ -13,7 +13,6 @@ measures PQ at the files' size as panopticapi does.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -37,22 +36,22 @@ class EvalResult:
 
     Attributes:
         metrics: flat name -> number: "PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st",
-            "SQ_st", "RQ_st" (percent, 0..100, as papers report them), "mIoU" (percent, when
-            unipan.evaluation.semantic is available), "num_images", "time_per_image" (s).
+            "SQ_st", "RQ_st", "mIoU" (percent, 0..100, as papers report them), "num_images",
+            "time_per_image" (s).
         pq: the `PQResult` (fractions 0..1, per-class table via `.table()`), on every rank.
-        semantic: the semantic-segmentation result object, or None.
+        semantic: the `SemSegResult` (mIoU of the classes the panoptic output implies).
         predictions_json: the COCO-panoptic prediction JSON written (rank 0), or None.
     """
 
     metrics: dict[str, float]
     pq: Any
-    semantic: Any = None
+    semantic: Any
     predictions_json: Path | None = None
 
     @property
-    def miou(self) -> float | None:
-        """Semantic mIoU as a fraction (0..1), or None without unipan.evaluation.semantic."""
-        return None if self.semantic is None else float(self.semantic.miou)
+    def miou(self) -> float:
+        """Semantic mIoU as a fraction (0..1)."""
+        return float(self.semantic.miou)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -61,15 +60,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def _identity_collate(samples: list[Sample]) -> list[Sample]:
     return samples
-
-
-def _semantic_module() -> Any | None:
-    try:
-        return importlib.import_module("unipan.evaluation.semantic")
-    except ModuleNotFoundError as e:
-        if e.name != "unipan.evaluation.semantic":
-            raise
-        return None
 
 
 def predicted_class_map(result: PanopticResult, meta: DatasetMeta) -> torch.Tensor:
@@ -132,6 +122,7 @@ def evaluate(
     """
     from unipan.data.collate import Collate
     from unipan.evaluation.pq import PQResult, PQStat, all_reduce_pq_stat, pq_compute_single
+    from unipan.evaluation.semantic import SemSegStat
     from unipan.io import write_panoptic_json, write_panoptic_prediction
     from unipan.predictor import resize_result
 
@@ -151,8 +142,7 @@ def evaluate(
         # a fixed generator keeps the DataLoader from drawing on the global torch RNG
         generator=torch.Generator().manual_seed(0),
     )
-    semantic = _semantic_module()
-    sem_stat = semantic.SemSegStat(meta.num_classes) if semantic is not None else None
+    sem_stat = SemSegStat(meta.num_classes)
     category_ids = [c.id for c in meta.categories]
     pq_stat = PQStat()
     pred_dir = Path(out_dir) / "panoptic" if out_dir is not None else None
@@ -195,9 +185,8 @@ def evaluate(
                         meta,
                         image_id=sample.image_id,
                     )
-                    if sem_stat is not None:
-                        pred_cls = predicted_class_map(PanopticResult(pred_ids, result.segments, result.image_id), meta)
-                        sem_stat.update(gt.sem_seg, pred_cls, image_id=sample.image_id)
+                    pred_cls = predicted_class_map(PanopticResult(pred_ids, result.segments, result.image_id), meta)
+                    sem_stat.update(gt.sem_seg, pred_cls, image_id=sample.image_id)
                     if pred_dir is not None:
                         at_file_size = resize_result(
                             PanopticResult(pred_ids, result.segments, sample.image_id), sample.original_size
@@ -218,14 +207,10 @@ def evaluate(
     counts = du.all_reduce_sum(
         torch.tensor([float(count), elapsed], dtype=torch.float64, device=du.backend_device())
     ).tolist()
-    if sem_stat is not None:
-        sem_stat = sem_stat.all_reduce()
+    sem_result = sem_stat.all_reduce().result(meta)
     pq = PQResult.from_stat(pq_stat, meta)
     metrics = pq_metrics(pq)
-    sem_result = None
-    if sem_stat is not None:
-        sem_result = sem_stat.result(meta)
-        metrics["mIoU"] = 100.0 * float(sem_result.miou)
+    metrics["mIoU"] = 100.0 * float(sem_result.miou)
     metrics["num_images"] = float(counts[0])
     metrics["time_per_image"] = counts[1] / max(counts[0], 1.0)
     json_path = None
