@@ -28,7 +28,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, con
 from torchvision.ops import MultiScaleRoIAlign
 
 from unipan.config import ModelConfig
-from unipan.structures import PanopticTarget
+from unipan.structures import DatasetMeta, PanopticTarget
 
 __all__ = [
     "RPN_IN_FEATURES",
@@ -466,3 +466,11 @@ def build_instance_branch(
         mask_predictor=MaskRCNNPredictor(mask_in, roi_cfg.mask_head_channels, num_things),
     )
     return InstanceBranch(rpn=rpn, roi_heads=roi_heads, in_features=list(RPN_IN_FEATURES))
+
+
+def check_num_things(instance_branch: InstanceBranch, meta: DatasetMeta) -> None:
+    """Raise ValueError when the instance branch predicts another number of thing classes."""
+    if instance_branch.num_things >= 0 and instance_branch.num_things != meta.num_things:
+        raise ValueError(
+            f"instance branch has {instance_branch.num_things} thing classes, {meta!r} has {meta.num_things}"
+        )

@@ -13,7 +13,12 @@ from torch import Tensor, nn
 
 from unipan.config import Config, FusionConfig
 from unipan.modeling.backbone import ResNetFPN, build_backbone
-from unipan.modeling.heads.instance import InstanceBranch, InstanceOutputs, build_instance_branch
+from unipan.modeling.heads.instance import (
+    InstanceBranch,
+    InstanceOutputs,
+    build_instance_branch,
+    check_num_things,
+)
 from unipan.modeling.heads.semantic_fpn import (
     SemanticFPNHead,
     semantic_loss,
@@ -111,10 +116,7 @@ class PanopticFPN(nn.Module):
                 f"semantic head predicts {semantic_head.num_classes} classes; Panoptic FPN needs stuff + 1 "
                 f"= {meta.num_stuff + 1} for {meta!r}"
             )
-        if instance_branch.num_things >= 0 and instance_branch.num_things != meta.num_things:
-            raise ValueError(
-                f"instance branch has {instance_branch.num_things} thing classes, {meta!r} has {meta.num_things}"
-            )
+        check_num_things(instance_branch, meta)
         self.backbone = backbone
         self.instance_branch = instance_branch
         self.semantic_head = semantic_head

@@ -34,7 +34,7 @@ from unipan.fusion.upsnet_head import (
     upsnet_fusion,
 )
 from unipan.modeling.backbone import ResNetFPN, build_backbone
-from unipan.modeling.heads.instance import InstanceBranch, build_instance_branch
+from unipan.modeling.heads.instance import InstanceBranch, build_instance_branch, check_num_things
 from unipan.modeling.heads.semantic_fpn import semantic_loss, upsample_logits
 from unipan.modeling.heads.upsnet_semantic import GlobalContext, UPSNetSemanticHead, semantic_roi_loss
 from unipan.modeling.models.panoptic_fpn import check_batch, check_sem_seg
@@ -145,10 +145,7 @@ class UPSNet(nn.Module):
                 f"semantic head predicts {semantic_head.num_classes} classes; UPSNet needs stuff + things "
                 f"= {meta.num_classes} for {meta!r}"
             )
-        if instance_branch.num_things >= 0 and instance_branch.num_things != meta.num_things:
-            raise ValueError(
-                f"instance branch has {instance_branch.num_things} thing classes, {meta!r} has {meta.num_things}"
-            )
+        check_num_things(instance_branch, meta)
         if not 0.0 <= instance_keep_fraction <= 1.0:
             raise ValueError(f"instance_keep_fraction must lie in [0, 1], got {instance_keep_fraction}")
         self.backbone = backbone
