@@ -9,10 +9,14 @@ from pathlib import Path
 # spinning intra-op thread fights every other process and made small tests 5-20x slower.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+# the test folders mirror the package; shared builders live in tests/helpers.py, imported as `helpers`
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 SHARED_DATA = Path(os.environ.get("UNIPAN_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 # The tests run small tensors, for which a second intra-op thread costs more than it gives.

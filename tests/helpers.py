@@ -1,4 +1,4 @@
-"""Builders shared by the model tests (imported as `helpers`: pytest puts tests/ on sys.path)."""
+"""Builders shared by the model tests (imported as `helpers`: conftest.py puts tests/ on sys.path)."""
 
 from __future__ import annotations
 

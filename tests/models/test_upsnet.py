@@ -22,7 +22,7 @@ from unipan.modeling.heads.upsnet_semantic import GlobalContext
 from unipan.modeling.models.upsnet import ContextFPN, UPSNet, build_upsnet
 from unipan.structures import DatasetMeta, PanopticTarget
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "upsnet"
 LOSS_NAMES = {
     "loss_rpn_objectness",

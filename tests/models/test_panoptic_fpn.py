@@ -33,7 +33,7 @@ from unipan.structures import (
     SegmentInfo,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY_CONFIG = REPO / "configs" / "panoptic_fpn" / "tiny_synth.yaml"
 LOSS_NAMES = {"loss_rpn_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask", "loss_sem_seg"}
 

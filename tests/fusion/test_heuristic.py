@@ -693,7 +693,7 @@ def test_benchmark_inputs_run() -> None:
     """The benchmark's input maker and the fusion agree on a small version of its setting."""
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fusion_speed.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "fusion_speed.py"
     spec = importlib.util.spec_from_file_location("fusion_speed", path)
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
