@@ -27,14 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from unipan.config import DataConfig
+from unipan.config.parts import IMAGENET_MEAN, IMAGENET_STD
 from unipan.data.common import Transform
+from unipan.segments import nearest_source_index
 from unipan.structures import VOID_ID
-
-IMAGENET_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)
-"""RGB pixel mean on the 0..255 scale (the `DataConfig.pixel_mean` default)."""
-
-IMAGENET_STD: tuple[float, float, float] = (58.395, 57.12, 57.375)
-"""RGB pixel std on the 0..255 scale (the `DataConfig.pixel_std` default)."""
 
 
 def _check_pair(image: Tensor, panoptic: Tensor | None) -> None:
@@ -43,20 +39,10 @@ def _check_pair(image: Tensor, panoptic: Tensor | None) -> None:
     if not image.is_floating_point():
         raise TypeError(f"image must be a float tensor (0..255), got {image.dtype}")
     if panoptic is not None and panoptic.shape != image.shape[1:]:
-        raise ValueError(
-            f"panoptic map {tuple(panoptic.shape)} and image {tuple(image.shape[1:])} differ in size"
-        )
+        raise ValueError(f"panoptic map {tuple(panoptic.shape)} and image {tuple(image.shape[1:])} differ in size")
 
 
-def _nearest_index(out_len: int, in_len: int, device: torch.device) -> Tensor:
-    """Source index of each output position, sampling at pixel centres (nearest-exact)."""
-    centres = (torch.arange(out_len, dtype=torch.float64, device=device) + 0.5) * (in_len / out_len)
-    return centres.floor().long().clamp_(0, in_len - 1)
-
-
-def resize_pair(
-    image: Tensor, panoptic: Tensor | None, size: tuple[int, int]
-) -> tuple[Tensor, Tensor | None]:
+def resize_pair(image: Tensor, panoptic: Tensor | None, size: tuple[int, int]) -> tuple[Tensor, Tensor | None]:
     """Resize an image bilinearly and its id map by nearest neighbour to `size` = (h, w).
 
     Args:
@@ -74,14 +60,14 @@ def resize_pair(
     if (out_h, out_w) == (h, w):
         return image, panoptic
     shrinking = out_h < h or out_w < w
-    image = F.interpolate(
-        image[None], size=(out_h, out_w), mode="bilinear", align_corners=False, antialias=shrinking
-    )[0]
+    image = F.interpolate(image[None], size=(out_h, out_w), mode="bilinear", align_corners=False, antialias=shrinking)[
+        0
+    ]
     if panoptic is not None:
         # index gathering keeps int32 ids exact (no float round trip) and copies no ids that
         # were not there
-        rows = _nearest_index(out_h, h, panoptic.device)
-        cols = _nearest_index(out_w, w, panoptic.device)
+        rows = nearest_source_index(out_h, h, panoptic.device)
+        cols = nearest_source_index(out_w, w, panoptic.device)
         panoptic = panoptic.index_select(0, rows).index_select(1, cols)
     return image, panoptic
 
@@ -160,10 +146,7 @@ class ResizeShortestEdge:
         return resize_pair(image, panoptic, size)
 
     def __repr__(self) -> str:
-        return (
-            f"ResizeShortestEdge(short_edge={self.short_edge}, max_size={self.max_size}, "
-            f"sample={self.sample!r})"
-        )
+        return f"ResizeShortestEdge(short_edge={self.short_edge}, max_size={self.max_size}, sample={self.sample!r})"
 
 
 class RandomHorizontalFlip:
@@ -236,9 +219,7 @@ class RandomScaleCrop:
             panoptic = panoptic[y0 : y0 + crop_h, x0 : x0 + crop_w]
         return image, panoptic
 
-    def _pad_to(
-        self, image: Tensor, panoptic: Tensor | None, min_h: int, min_w: int
-    ) -> tuple[Tensor, Tensor | None]:
+    def _pad_to(self, image: Tensor, panoptic: Tensor | None, min_h: int, min_w: int) -> tuple[Tensor, Tensor | None]:
         h, w = image.shape[-2:]
         out_h, out_w = max(h, min_h), max(w, min_w)
         if (out_h, out_w) == (h, w):

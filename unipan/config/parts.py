@@ -1,24 +1,38 @@
-"""One config system: typed dataclasses, loaded from YAML, overridden by dotted `key.sub=value`.
+"""Config sections of the parts that models share, declared once and composed by `models.py`.
 
-Every field carries a comment. `load_config(path, overrides)` merges a YAML file over the
-defaults below (OmegaConf structured configs check names and types), and `save_config` writes
-the resolved config next to a run's checkpoints.
+Every field carries a comment; the comments are the documentation of the YAML files.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "BackboneConfig",
+    "DataConfig",
+    "EngineConfig",
+    "MaskHeadConfig",
+    "RPNConfig",
+    "RoIHeadsConfig",
+    "SemanticFPNHeadConfig",
+    "SolverConfig",
+]
 
-from unipan.io import atomic_write_text
+
+IMAGENET_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)
+"""RGB pixel mean on the 0..255 scale (the `DataConfig.pixel_mean` default)."""
+
+IMAGENET_STD: tuple[float, float, float] = (58.395, 57.12, 57.375)
+"""RGB pixel std on the 0..255 scale (the `DataConfig.pixel_std` default)."""
 
 
 @dataclass
 class BackboneConfig:
+    """ResNet/ResNeXt trunk and FPN."""
+
     # torchvision trunk: resnet18 | resnet34 | resnet50 | resnet101 | resnext101_32x8d
     name: str = "resnet50"
     # local file with torchvision ImageNet weights ("" = random init; nothing is downloaded)
@@ -33,10 +47,15 @@ class BackboneConfig:
     depths: list[int] = field(default_factory=list)
     # FPN output channels (256 in the papers)
     fpn_channels: int = 256
+    # pyramid levels: p2-p6 (P6 = max-pool of P5, for RPN models) | p3-p7 (P6 from C5, P7 from
+    # P6, for RetinaNet models)
+    fpn_levels: str = "p2-p6"
 
 
 @dataclass
 class RPNConfig:
+    """Region proposal network (Mask R-CNN R50-FPN defaults)."""
+
     # anchor size per FPN level p2..p6 (one size per level, as Mask R-CNN)
     anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
     # anchor aspect ratios (h / w), shared by all levels
@@ -59,6 +78,8 @@ class RPNConfig:
 
 @dataclass
 class RoIHeadsConfig:
+    """Box head of the R-CNN: RoI sampling, the two-fc head, detection post-processing."""
+
     # hidden size of the two-fc box head (1024 in Mask R-CNN R50-FPN)
     box_head_dim: int = 1024
     # RoIs sampled per image for the box/mask losses, and their positive fraction
@@ -71,17 +92,27 @@ class RoIHeadsConfig:
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
     detections_per_img: int = 100
-    # RoIAlign output sizes of the box and mask heads, and its sampling ratio (Mask R-CNN: 7, 14, 2)
-    box_pooler_resolution: int = 7
-    mask_pooler_resolution: int = 14
-    pooler_sampling_ratio: int = 2
-    # mask head: number of 3x3 convs and their channels (Mask R-CNN: 4 x 256)
-    mask_head_convs: int = 4
-    mask_head_channels: int = 256
+    # RoIAlign output size of the box head and its sampling ratio (Mask R-CNN: 7, 2)
+    pooler_resolution: int = 7
+    sampling_ratio: int = 2
 
 
 @dataclass
-class SemanticHeadConfig:
+class MaskHeadConfig:
+    """Mask R-CNN mask head, usable on any boxes (proposals, detections, GT boxes)."""
+
+    # RoIAlign output size and sampling ratio (Mask R-CNN: 14, 2); masks come out at twice the size
+    pooler_resolution: int = 14
+    sampling_ratio: int = 2
+    # number of 3x3 convs and their channels (Mask R-CNN: 4 x 256)
+    num_convs: int = 4
+    conv_dims: int = 256
+
+
+@dataclass
+class SemanticFPNHeadConfig:
+    """Panoptic FPN's semantic branch (Kirillov et al. 2019)."""
+
     # channels of the per-level conv blocks (Kirillov et al. 2019: 128)
     conv_dims: int = 128
     # norm in the blocks: GN (32 groups) | none
@@ -91,75 +122,9 @@ class SemanticHeadConfig:
 
 
 @dataclass
-class FusionConfig:
-    # instances below this score are not pasted
-    instance_score_thresh: float = 0.5
-    # an instance is skipped when more than this fraction of it is already taken
-    overlap_thresh: float = 0.5
-    # RoI mask probability above which a pixel belongs to the instance
-    mask_thresh: float = 0.5
-    # stuff regions smaller than this many pixels become void (COCO 4096, Cityscapes 2048)
-    stuff_area: int = 4096
-
-
-@dataclass
-class UPSNetConfig:
-    # deformable 3x3 conv layers of the shared semantic sub-network (3 on COCO, 2 on Cityscapes)
-    semantic_num_convs: int = 3
-    # channels of those layers: the first ones keep 256, the last outputs this many
-    semantic_mid_channels: int = 256
-    semantic_out_channels: int = 128
-    # use deformable convs (DCNv1) in the semantic head; False = plain 3x3 convs (for ablations)
-    deformable: bool = True
-    # COCO context: global-average-pooled res5 -> Linear -> added to P5's lateral
-    global_context: bool = True
-    # loss weights: semantic CE, RoI loss, panoptic loss (COCO 0.2 / 0.04 / 0.1)
-    semantic_loss_weight: float = 0.2
-    roi_loss_weight: float = 0.04
-    panoptic_loss_weight: float = 0.1
-    # RoIAlign output size of the RoI loss
-    roi_loss_size: int = 28
-    # fraction of GT instances kept when building the training panoptic logits (rest -> unknown)
-    instance_keep_fraction: float = 0.7
-    # --- Table 6 switches ---
-    # train the panoptic head (False: its loss is off, the head is used only at inference)
-    panoptic_loss: bool = True
-    # instance class assignment heuristic (False: trust the detector's class)
-    instance_class_assignment: bool = True
-    # predict the unknown class
-    unknown: bool = True
-    # --- inference ---
-    # class-agnostic NMS IoU, minimum score, and detections kept before mask pruning
-    nms_thresh: float = 0.5
-    score_thresh: float = 0.6
-    max_detections: int = 100
-    # a mask is dropped when more than this fraction overlaps kept masks of the same class
-    mask_overlap_thresh: float = 0.3
-    # stuff segments smaller than this many pixels become void (COCO 4096, Cityscapes 2048)
-    stuff_area: int = 4096
-    # a stuff majority relabels an instance region when it covers at least this fraction
-    stuff_majority: float = 0.5
-    # --- oracle modes of Table 6's lower rows (need ground truth at inference) ---
-    oracle_boxes: bool = False
-    oracle_class_assignment: bool = False
-    oracle_semantic: bool = False
-
-
-@dataclass
-class ModelConfig:
-    # registered model name: panoptic_fpn (more follow: upsnet, aunet, refine, spatialflow, spinet)
-    name: str = "panoptic_fpn"
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    rpn: RPNConfig = field(default_factory=RPNConfig)
-    roi_heads: RoIHeadsConfig = field(default_factory=RoIHeadsConfig)
-    semantic: SemanticHeadConfig = field(default_factory=SemanticHeadConfig)
-    fusion: FusionConfig = field(default_factory=FusionConfig)
-    # UPSNet's heads, losses and panoptic head (used when name == "upsnet")
-    upsnet: UPSNetConfig = field(default_factory=UPSNetConfig)
-
-
-@dataclass
 class DataConfig:
+    """Datasets, resizing and augmentation. Batches are padded to the model's size divisibility."""
+
     # synthetic | coco_panoptic (Cityscapes-panoptic uses coco_panoptic with its own json)
     dataset: str = "synthetic"
     # coco_panoptic: images folder, panoptic PNG folder and JSON of the training split
@@ -191,17 +156,17 @@ class DataConfig:
     crop_size: list[int] = field(default_factory=list)
     # horizontal flip probability during training
     flip_prob: float = 0.5
-    # images are padded so both sides are multiples of this (32 for FPN with P6)
-    size_divisibility: int = 32
     # ImageNet normalisation applied after the 0..255 -> float conversion (RGB order)
-    pixel_mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
-    pixel_std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
+    pixel_mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    pixel_std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     # DataLoader worker processes per rank
     num_workers: int = 2
 
 
 @dataclass
 class SolverConfig:
+    """Optimiser and learning-rate schedule."""
+
     # images per iteration over all processes (divided evenly among them)
     batch_size: int = 16
     # base learning rate, SGD momentum and weight decay
@@ -228,6 +193,8 @@ class SolverConfig:
 
 @dataclass
 class EngineConfig:
+    """Where a run writes, how it seeds, logs, checkpoints and evaluates."""
+
     # where checkpoints, metrics, the resolved config and plots go
     output_dir: str = "runs/default"
     # global seed (each rank and data worker derives its own from it)
@@ -242,52 +209,3 @@ class EngineConfig:
     eval_max_images: int = 0
     # torch intra-op threads on CPU (0 = torch's default)
     num_threads: int = 0
-
-
-@dataclass
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    solver: SolverConfig = field(default_factory=SolverConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
-
-
-def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file <- dotted overrides (`solver.lr=0.01`), checked against the schema.
-
-    Raises:
-        ValueError: naming the file or override with an unknown key or a wrong type.
-    """
-    cfg = OmegaConf.structured(Config)
-    try:
-        if path is not None:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
-        if overrides:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-    except Exception as e:  # omegaconf raises several error types; all mean bad user config
-        where = f"{path}" if path is not None else "overrides"
-        raise ValueError(f"config {where}: {e}".splitlines()[0]) from e
-    obj = OmegaConf.to_object(cfg)
-    assert isinstance(obj, Config)
-    return obj
-
-
-def config_to_dict(cfg: Config) -> dict[str, Any]:
-    out = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-    assert isinstance(out, dict)
-    return out  # type: ignore[return-value]
-
-
-def config_from_dict(d: dict[str, Any]) -> Config:
-    obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), d))
-    assert isinstance(obj, Config)
-    return obj
-
-
-def config_to_yaml(cfg: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-def save_config(cfg: Config, path: str | os.PathLike[str]) -> None:
-    """Write the resolved config as YAML, atomically."""
-    atomic_write_text(Path(path), config_to_yaml(cfg))
