@@ -20,12 +20,9 @@ argmax runs).
 from __future__ import annotations
 
 import argparse
-import math
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
+from _common import median_ms, random_boxes
 
 from unipan.fusion.heuristic import heuristic_fusion
 from unipan.structures import DatasetMeta, RawPrediction
@@ -46,11 +43,7 @@ def make_prediction(
     """Random RawPrediction in the "stuff+things" space, with `sem_pred` filled in."""
     g = torch.Generator().manual_seed(seed)
     h, w = size
-    sides = torch.exp(torch.empty(num_instances, 2).uniform_(math.log(16.0), math.log(512.0), generator=g))
-    centres = torch.rand(num_instances, 2, generator=g) * torch.tensor([w, h], dtype=torch.float32)
-    boxes = torch.cat([centres - sides / 2, centres + sides / 2], dim=1)
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+    boxes = random_boxes(g, num_instances, size)
     scores = 0.5 + 0.5 * torch.rand(num_instances, generator=g)
     labels = torch.randint(meta.num_things, (num_instances,), generator=g)
     mask_probs = torch.rand(num_instances, mask_size, mask_size, generator=g)
@@ -64,17 +57,6 @@ def make_prediction(
         sem_space="stuff+things",
         sem_pred=sem_logits.argmax(dim=0),
     )
-
-
-def median_ms(fn: Callable[[], object], runs: int, warmup: int) -> tuple[float, list[float]]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), times
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """Time UPSNet's parameter-free panoptic head at inference, alone, at Cityscapes size.
 
-Setting (issue 4): a 1024 x 2048 input, Cityscapes' 19 classes (11 stuff, 8 things), 100
+Setting: a 1024 x 2048 input, Cityscapes' 19 classes (11 stuff, 8 things), 100
 detections with random boxes (sides log-uniform in 16..512 px) and random 28 x 28 mask logits,
 scores in [0.6, 1) so all pass the score filter, NMS off so all 100 reach mask pruning (the worst
 case), random semantic logits. The time covers mask pruning, the box-by-box argmax of Z, unknown
@@ -16,25 +16,21 @@ Run: ``python benchmarks/upsnet_head_speed.py [--runs 5] [--threads 2]``
 from __future__ import annotations
 
 import argparse
-import math
-import statistics
-import time
 
 import torch
+from _common import median_ms, random_boxes
 
 from unipan.data.cityscapes import cityscapes_categories
-from unipan.fusion.upsnet_head import PanopticHeadSettings, upsnet_fusion
+from unipan.fusion.settings import PanopticHeadSettings
+from unipan.fusion.upsnet_head import upsnet_fusion
 from unipan.structures import DatasetMeta, RawPrediction
 
 
 def make_prediction(meta: DatasetMeta, size: tuple[int, int], n: int, seed: int = 0) -> RawPrediction:
+    """Random RawPrediction in the "all" space with RoI mask logits in `extras["mask_logits"]`."""
     g = torch.Generator().manual_seed(seed)
     h, w = size
-    sides = torch.exp(torch.empty(n, 2).uniform_(math.log(16.0), math.log(512.0), generator=g))
-    centres = torch.rand(n, 2, generator=g) * torch.tensor([w, h], dtype=torch.float32)
-    boxes = torch.cat([centres - sides / 2, centres + sides / 2], dim=1)
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+    boxes = random_boxes(g, n, size)
     return RawPrediction(
         boxes=boxes,
         scores=0.6 + 0.4 * torch.rand(n, generator=g),
@@ -56,16 +52,12 @@ def main() -> None:
     raw = make_prediction(meta, (1024, 2048), args.instances)
     settings = PanopticHeadSettings(nms_thresh=1.0, score_thresh=0.6, max_detections=args.instances, stuff_area=2048)
     with torch.inference_mode():
-        upsnet_fusion(raw, meta, settings)
-        times = []
-        for _ in range(args.runs):
-            t0 = time.perf_counter()
-            result = upsnet_fusion(raw, meta, settings)
-            times.append(time.perf_counter() - t0)
+        result = upsnet_fusion(raw, meta, settings)
+        ms, times = median_ms(lambda: upsnet_fusion(raw, meta, settings), args.runs, warmup=0)
     print(
         f"UPSNet panoptic head, 1024x2048, {meta.num_classes} classes, {args.instances} detections, "
-        f"{args.threads} threads: median {1000 * statistics.median(times):.0f} ms over {args.runs} runs "
-        f"(min {1000 * min(times):.0f} ms); {len(result.segments)} segments"
+        f"{args.threads} threads: median {ms:.0f} ms over {args.runs} runs "
+        f"(min {min(times):.0f} ms); {len(result.segments)} segments"
     )
 
 

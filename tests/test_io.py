@@ -61,7 +61,7 @@ def test_matches_official_panopticapi() -> None:
 def test_id2rgb_rejects_out_of_range() -> None:
     with pytest.raises(ValueError, match="256"):
         id2rgb(np.array([[256**3]]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="256"):
         id2rgb(np.array([[-1]]))
 
 
@@ -220,9 +220,7 @@ def test_load_panoptic_json_not_json(tmp_path: Path) -> None:
 
 
 def test_prediction_json_with_meta(tmp_path: Path) -> None:
-    d = {
-        "annotations": [{"image_id": 5, "file_name": "a.png", "segments_info": [{"id": 3, "category_id": 7}]}]
-    }
+    d = {"annotations": [{"image_id": 5, "file_name": "a.png", "segments_info": [{"id": 3, "category_id": 7}]}]}
     pj = load_panoptic_json(_write(tmp_path, d), meta=DatasetMeta(CATEGORIES))
     seg = pj.annotation(5).segments[0]
     assert (seg.category_id, seg.isthing, seg.iscrowd, seg.area) == (7, False, False, 0)
@@ -255,7 +253,7 @@ def test_write_panoptic_prediction(tmp_path: Path) -> None:
 
 def test_write_panoptic_prediction_errors(tmp_path: Path) -> None:
     ids = np.array([[0, 4], [5, 5]], np.int32)
-    with pytest.raises(ValueError, match=r"image 'x': ids \[5\] of the panoptic map have no segment"):
+    with pytest.raises(ValueError, match=r"image 'x': id map holds segment ids \[5\] that have no segment info"):
         write_panoptic_prediction(tmp_path, "x", "x.png", ids, [SegmentInfo(4, 1, True)])
     with pytest.raises(ValueError, match=r"image 'x': duplicate segment ids \[4\]"):
         write_panoptic_prediction(

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from scipy import ndimage
 from torch import Tensor
 
 IGNORE_LABEL = 255
@@ -26,6 +25,16 @@ IGNORE_LABEL = 255
 
 VOID_ID = 0
 """Segment id of unlabelled pixels in a panoptic id map."""
+
+SemSpace = Literal["stuff", "stuff+things", "all"]
+"""Class space of a semantic prediction or target, for S stuff and T thing classes:
+
+- "stuff": C = S, stuff indices only (things are left to the instance branch);
+- "stuff+things": C = S + 1, stuff indices, then one "things" class (Panoptic FPN);
+- "all": C = S + T, the class index space (stuff first, then things; UPSNet).
+
+`unipan.segments.semantic_channels` gives C, `unipan.segments.to_semantic_space` maps targets.
+"""
 
 
 @dataclass(frozen=True)
@@ -277,8 +286,8 @@ class PanopticTarget:
         if panoptic.ndim != 2:
             raise ValueError(f"image {image_id!r}: panoptic map must be H x W, got {tuple(panoptic.shape)}")
         # One pass over the pixels: each pixel's position in the sorted list of known ids, then
-        # per-position lookup tables. (A loop of full-image comparisons per segment costs ~50 ms
-        # on a COCO image, and sorting the pixels as unique() does is slower still.)
+        # per-position lookup tables. (A loop of full-image comparisons per segment is much
+        # slower on a COCO image, and sorting the pixels as unique() does is slower still.)
         seg_by_id: dict[int, SegmentInfo] = {}
         for seg in segments:
             if seg.id in seg_by_id:
@@ -293,8 +302,9 @@ class PanopticTarget:
             unknown = sorted(set(np.unique(pan_np[stray]).tolist()))
             raise ValueError(f"image {image_id!r}: panoptic ids {unknown[:10]} have no segment info")
         present_ids = known.tolist()
-        areas = np.bincount(dense_np.ravel(), minlength=len(known))
-        slices = ndimage.find_objects(dense_np + 1, max_label=len(known))  # labels start at 1 there
+        areas_t, bboxes_t = _label_stats(torch.from_numpy(dense_np), len(known))
+        areas = areas_t.tolist()
+        bboxes = bboxes_t.tolist()
         label_of = {seg_id: k for k, seg_id in enumerate(present_ids) if areas[k] > 0}
 
         class_lut = np.full((len(present_ids),), IGNORE_LABEL, dtype=np.int64)
@@ -310,9 +320,9 @@ class PanopticTarget:
                 continue  # cropped away (or a bogus void entry, which owns no pixels)
             if seg.category_id not in meta:
                 raise ValueError(f"image {image_id!r}, segment {seg.id}: unknown category {seg.category_id}")
-            ys, xs = slices[k]
-            x0, y0, x1, y1 = xs.start, ys.start, xs.stop, ys.stop
-            kept.append(replace(seg, area=int(areas[k]), bbox=(x0, y0, x1 - x0, y1 - y0)))
+            x0, y0, bw, bh = bboxes[k]
+            x1, y1 = x0 + bw, y0 + bh
+            kept.append(replace(seg, area=int(areas[k]), bbox=(x0, y0, bw, bh)))
             if seg.iscrowd:
                 crowd_lut[k] = True
                 continue
@@ -335,6 +345,65 @@ class PanopticTarget:
             crowd=torch.from_numpy(crowd_lut[dense_np]),
             instance_ids=torch.tensor(instance_ids, dtype=torch.long),
         )
+
+    def instance_index_map(self) -> Tensor:
+        """LongTensor[H, W]: the index (0..N-1) of the instance of `masks` at each pixel, -1 elsewhere.
+
+        Instances of panoptic ground truth do not overlap; where `masks` of a hand-made target do,
+        the later instance wins. Crowd pixels are -1 (crowd regions are not instances).
+        """
+        n, h, w = self.masks.shape
+        out = torch.full((h, w), -1, dtype=torch.long, device=self.masks.device)
+        for i in range(n):
+            out.masked_fill_(self.masks[i], i)
+        return out
+
+
+def _label_stats(labels: Tensor, bins: int) -> tuple[Tensor, Tensor]:
+    """Pixel count and COCO bbox of every label of a label map: the one area/bbox kernel.
+
+    Public as `unipan.segments.label_stats`; it lives here because `PanopticTarget.from_panoptic`
+    needs it and `structures` must not import `segments` (which imports `structures`).
+
+    Why per-row scatters: a scatter-add per row counts the pixels of every label in each row and
+    two scatter-reduces per row find each label's first and last column; reductions over the
+    rows then give the area and both extents. The row-wise outputs (H x bins) stay in cache, which
+    made this the fastest of the project's former implementations on 1024 x 2048 maps with about
+    100 segments: faster than `np.bincount` + `scipy.ndimage.find_objects` and than a flat
+    `scatter_reduce` per coordinate; `np.unique`-based counting sorts the pixels and is slowest.
+
+    Args:
+        labels: IntTensor or LongTensor[H, W] with values in 0..bins-1 (a value outside raises
+            RuntimeError or IndexError from the scatter).
+        bins: number of labels.
+
+    Returns:
+        areas LongTensor[bins] and bboxes LongTensor[bins, 4] as (x, y, w, h), pixel edges
+        (x + w is one past the last column); zeros for labels without pixels. On `labels`' device.
+    """
+    h, w = labels.shape
+    device = labels.device
+    if h == 0 or w == 0:
+        return torch.zeros(bins, dtype=torch.long, device=device), torch.zeros(
+            (bins, 4), dtype=torch.long, device=device
+        )
+    labels = labels.long()  # scatter indices must be int64
+    ones = torch.ones((1, 1), dtype=torch.int32, device=device).expand(h, w)
+    counts = torch.zeros((h, bins), dtype=torch.int32, device=device).scatter_add_(1, labels, ones)
+    areas = counts.sum(dim=0, dtype=torch.long)
+    row_has = counts > 0
+    rows = torch.arange(h, device=device)[:, None]
+    y_first = torch.where(row_has, rows, h).amin(dim=0)
+    y_last = torch.where(row_has, rows, -1).amax(dim=0) + 1
+    columns = torch.arange(w, dtype=torch.int32, device=device)[None].expand(h, w)
+    first_col = torch.full((h, bins), w, dtype=torch.int32, device=device)
+    first_col.scatter_reduce_(1, labels, columns, "amin")
+    last_col = torch.full((h, bins), -1, dtype=torch.int32, device=device)
+    last_col.scatter_reduce_(1, labels, columns, "amax")
+    x_first = first_col.amin(dim=0).long()
+    x_last = last_col.amax(dim=0).long() + 1
+    bboxes = torch.stack([x_first, y_first, x_last - x_first, y_last - y_first], dim=1)
+    return areas, bboxes.masked_fill_((areas == 0)[:, None], 0)
 
 
 def masks_to_boxes(masks: Tensor) -> Tensor:
@@ -434,8 +503,9 @@ class RawPrediction:
             of pasting `mask_probs` (oracle inputs, models with full-resolution masks).
         sem_logits: FloatTensor[C, h, w] semantic logits (the model's own class space; see
             `sem_space`).
-        sem_space: "stuff+things": C = S + 1 (stuff, then one "things" class, Panoptic FPN);
-            "all": C = S + T (stuff first, then things, UPSNet/REFINE).
+        sem_space: the class space of `sem_logits` (`SemSpace`): "stuff": C = S; "stuff+things":
+            C = S + 1 (stuff, then one "things" class, Panoptic FPN); "all": C = S + T (stuff
+            first, then things, UPSNet/REFINE).
         sem_pred: LongTensor[h, w] argmax of `sem_logits` when the model already computed it
             (on its device, where it is cheap); fusion computes it otherwise.
         extras: model-specific outputs (e.g. mask logits for UPSNet's panoptic head).
@@ -447,7 +517,7 @@ class RawPrediction:
     sem_logits: Tensor
     mask_probs: Tensor | None = None
     masks: Tensor | None = None
-    sem_space: str = "stuff+things"
+    sem_space: SemSpace = "stuff+things"
     sem_pred: Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 

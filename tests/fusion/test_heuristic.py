@@ -7,6 +7,8 @@ void, and on the synthetic validation set.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -16,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.detection.roi_heads import paste_masks_in_image as tv_paste_masks_in_image
 
-from unipan.config import FusionConfig
-from unipan.fusion.heuristic import fusion_from_config, heuristic_fusion, segment_stats
+from unipan.fusion.heuristic import heuristic_fusion
 from unipan.fusion.paste import box_windows, paste_mask_in_box, paste_masks_in_boxes, paste_masks_in_image
+from unipan.fusion.settings import HeuristicFusionSettings
 from unipan.io import read_id_png, write_id_png
 from unipan.structures import (
     IGNORE_LABEL,
@@ -415,9 +417,7 @@ def test_stuff_scores_are_mean_softmax_probabilities() -> None:
         k = META.stuff_index(s.category_id)
         pixels = result.panoptic == s.id
         assert s.score == pytest.approx(float(probs[k][pixels].mean()), rel=1e-5)
-    assert [s.score for s in heuristic_fusion(raw, META, stuff_area=0).segments if not s.isthing] == [
-        1.0
-    ] * len(stuff)
+    assert [s.score for s in heuristic_fusion(raw, META, stuff_area=0).segments if not s.isthing] == [1.0] * len(stuff)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -429,9 +429,7 @@ def test_windowed_fusion_equals_naive_reference(seed: int) -> None:
     # a smooth blob per instance plus noise, so that instances overlap by varying amounts
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, 28), torch.linspace(-1, 1, 28), indexing="ij")
     radius = 0.4 + 0.6 * torch.rand(n, 1, 1, generator=g)
-    mask_probs = torch.sigmoid(6 * (radius - (yy**2 + xx**2).sqrt())) + 0.2 * torch.rand(
-        n, 28, 28, generator=g
-    )
+    mask_probs = torch.sigmoid(6 * (radius - (yy**2 + xx**2).sqrt())) + 0.2 * torch.rand(n, 28, 28, generator=g)
     scores = torch.rand(n, generator=g)
     scores[3] = scores[5]  # a tie
     coarse = torch.randint(S + 1, (h // 8, w // 8), generator=g)
@@ -469,9 +467,10 @@ def test_bad_boxes_are_reported() -> None:
         heuristic_fusion(raw, META)
 
 
-def test_fusion_from_config() -> None:
-    cfg = FusionConfig(instance_score_thresh=0.3, overlap_thresh=0.2, mask_thresh=0.4, stuff_area=7)
-    fuse = fusion_from_config(cfg)
+def test_fusion_bound_to_settings() -> None:
+    """The settings' fields are exactly the fusion's keywords: a builder binds them with a partial."""
+    settings = HeuristicFusionSettings(instance_score_thresh=0.3, overlap_thresh=0.2, mask_thresh=0.4, stuff_area=7)
+    fuse = functools.partial(heuristic_fusion, **dataclasses.asdict(settings))
     assert fuse.keywords == {
         "instance_score_thresh": 0.3,
         "overlap_thresh": 0.2,
@@ -500,9 +499,7 @@ def test_bad_inputs_name_the_image() -> None:
     for value in (-1, 4, 100):  # 4 = C + 1 is the bin of the first thing segment
         sem_pred = torch.zeros((h, w), dtype=torch.long)
         sem_pred[5, 5] = value  # a free pixel (the instance covers rows 0..1)
-        with pytest.raises(
-            ValueError, match=rf"image 'im3'.*sem_pred values {min(value, 0)}..{max(value, 0)}"
-        ):
+        with pytest.raises(ValueError, match=rf"image 'im3'.*sem_pred values {min(value, 0)}..{max(value, 0)}"):
             heuristic_fusion(RawPrediction(**{**vars(good), "sem_pred": sem_pred}), META, image_id="im3")
     bad_masks = RawPrediction(**{**vars(good), "masks": torch.zeros((1, h, w + 1), dtype=torch.bool)})
     with pytest.raises(ValueError, match=r"image 'im4'.*masks has shape"):
@@ -512,17 +509,6 @@ def test_bad_inputs_name_the_image() -> None:
         heuristic_fusion(no_masks, META, image_id="im5")
     with pytest.raises(ValueError, match="sem_space"):
         heuristic_fusion(RawPrediction(**{**vars(good), "sem_space": "things"}), META)
-
-
-def test_segment_stats() -> None:
-    pan = torch.zeros((5, 7), dtype=torch.int32)
-    pan[1:3, 2:6] = 1000
-    pan[4, 0] = 5
-    areas, bboxes = segment_stats(pan, [5, 1000, 77])
-    assert areas.tolist() == [1, 8, 0]
-    assert bboxes.tolist() == [[0, 4, 1, 1], [2, 1, 4, 2], [0, 0, 0, 0]]
-    with pytest.raises(ValueError, match=r"segment ids \[5\] that have no segment info"):
-        segment_stats(pan, [1000])
 
 
 # --- oracles: ground truth in, PQ 100 out ---------------------------------------------------------
@@ -573,15 +559,11 @@ def assert_equals_ground_truth(result: PanopticResult, target: PanopticTarget) -
 def pq_of(result: PanopticResult, target: PanopticTarget, meta: DatasetMeta) -> float:
     from unipan.evaluation.pq import PQResult, pq_compute_single
 
-    stat = pq_compute_single(
-        target.panoptic, target.segments, result.panoptic, result.segments, meta, target.image_id
-    )
+    stat = pq_compute_single(target.panoptic, target.segments, result.panoptic, result.segments, meta, target.image_id)
     return PQResult.from_stat(stat, meta).pq
 
 
-def official_pq(
-    tmp: Path, items: list[tuple[PanopticResult, PanopticTarget]], categories: list[dict]
-) -> float:
+def official_pq(tmp: Path, items: list[tuple[PanopticResult, PanopticTarget]], categories: list[dict]) -> float:
     """PQ by cocodataset/panopticapi's own per-image code over PNG + JSON files."""
     evaluation = pytest.importorskip("panopticapi.evaluation")
     gt_dir, pred_dir = tmp / "gt", tmp / "pred"
@@ -624,14 +606,10 @@ def test_oracle_coco_fixture(shared_data: Path, tmp_path: Path) -> None:
             )
             for s in ann["segments_info"]
         ]
-        target = PanopticTarget.from_panoptic(
-            torch.from_numpy(ids), segments, meta, image_id=str(ann["image_id"])
-        )
+        target = PanopticTarget.from_panoptic(torch.from_numpy(ids), segments, meta, image_id=str(ann["image_id"]))
         n_crowd += int(target.crowd.any())
         n_void += int((target.panoptic == 0).any())
-        result = heuristic_fusion(
-            oracle_prediction(target, meta), meta, stuff_area=0, image_id=target.image_id
-        )
+        result = heuristic_fusion(oracle_prediction(target, meta), meta, stuff_area=0, image_id=target.image_id)
         assert_equals_ground_truth(result, target)
         check_segment_stats(result)
         items.append((result, target))
@@ -646,9 +624,7 @@ def test_oracle_coco_fixture(shared_data: Path, tmp_path: Path) -> None:
 
 
 def test_oracle_synthetic_val(tmp_path: Path) -> None:
-    synthetic = pytest.importorskip(
-        "unipan.data.synthetic", reason="synthetic data generator not available yet"
-    )
+    synthetic = pytest.importorskip("unipan.data.synthetic", reason="synthetic data generator not available yet")
     opts = synthetic.SynthOptions(size=(96, 128), crowd_prob=0.5, void_border=3, void_outline=0.5)
     dataset = synthetic.SyntheticPanoptic(8, seed=0, opts=opts, split="val")
     items = []
@@ -689,11 +665,12 @@ def test_oracle_breaks_when_an_instance_is_missing(shared_data: Path) -> None:
         assert_equals_ground_truth(result, target)
 
 
-def test_benchmark_inputs_run() -> None:
+def test_benchmark_inputs_run(monkeypatch: pytest.MonkeyPatch) -> None:
     """The benchmark's input maker and the fusion agree on a small version of its setting."""
     import importlib.util
 
     path = Path(__file__).resolve().parents[2] / "benchmarks" / "fusion_speed.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # as when run as a script: `_common` beside it
     spec = importlib.util.spec_from_file_location("fusion_speed", path)
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)

@@ -1,5 +1,6 @@
-"""UPSNet's panoptic head (unipan.fusion.upsnet_head): geometry, Z and its argmax, unknown class,
-training targets and loss, mask pruning, class assignment, and the oracle (GT in -> PQ 100)."""
+"""UPSNet's panoptic head (unipan.fusion.upsnet_head): geometry (unipan.fusion.paste), Z and its
+argmax, unknown class, training targets and loss, mask pruning, class assignment, composing the
+result (unipan.segments), and the oracle (unipan.fusion.oracle: GT in -> PQ 100)."""
 
 from __future__ import annotations
 
@@ -10,24 +11,21 @@ import torch
 import torch.nn.functional as F
 
 from unipan.evaluation.pq import PQResult, pq_compute_single
+from unipan.fusion.oracle import oracle_raw_prediction
+from unipan.fusion.paste import box_pixel_windows, crop_full_mask_logits, paste_mask_logits
+from unipan.fusion.settings import PanopticHeadSettings
 from unipan.fusion.upsnet_head import (
-    PanopticHeadSettings,
     assign_instance_classes,
-    box_pixel_windows,
-    compose_panoptic,
-    crop_full_mask_logits,
-    instance_index_map,
-    oracle_raw_prediction,
     panoptic_argmax,
     panoptic_logits,
     panoptic_loss,
     panoptic_targets,
-    paste_mask_logits,
     prune_masks,
     sample_kept_instances,
     select_detections,
     upsnet_fusion,
 )
+from unipan.segments import compose_panoptic
 from unipan.structures import IGNORE_LABEL, VOID_ID, DatasetMeta, PanopticResult, PanopticTarget, RawPrediction
 
 # 2 stuff (ids 10, 11), 2 things (ids 1, 2): class index 0 = sky, 1 = grass, 2 = disc, 3 = square.
@@ -42,6 +40,23 @@ META = DatasetMeta(
 )
 S = META.num_stuff
 NO_FILTER = PanopticHeadSettings(stuff_area=0, filter_detections=False)
+
+
+def instance_index_map(masks: torch.Tensor) -> torch.Tensor:
+    """`PanopticTarget.instance_index_map` of a target that holds only these instance masks."""
+    n, h, w = masks.shape
+    target = PanopticTarget(
+        image_id="",
+        panoptic=torch.zeros((h, w), dtype=torch.int32),
+        segments=[],
+        sem_seg=torch.full((h, w), IGNORE_LABEL, dtype=torch.long),
+        boxes=torch.zeros((n, 4)),
+        labels=torch.zeros(n, dtype=torch.long),
+        masks=masks,
+        crowd=torch.zeros((h, w), dtype=torch.bool),
+        instance_ids=torch.arange(1, n + 1),
+    )
+    return target.instance_index_map()
 
 
 def _raw(
@@ -104,10 +119,8 @@ def test_paste_mask_logits_matches_grid_sample_and_is_differentiable() -> None:
 # --- Z and its argmax --------------------------------------------------------------------------
 def _random_head_inputs(gen: torch.Generator, n: int, integer: bool) -> tuple:
     c, h, w = S + META.num_things, 9, 11
-    if integer:  # small integers make ties frequent, which the argmax must break as torch does
-        sem = torch.randint(-2, 3, (c, h, w), generator=gen).float()
-    else:
-        sem = torch.randn(c, h, w, generator=gen)
+    # small integers make ties frequent, which the argmax must break as torch does
+    sem = torch.randint(-2, 3, (c, h, w), generator=gen).float() if integer else torch.randn(c, h, w, generator=gen)
     xy0 = torch.rand(n, 2, generator=gen) * torch.tensor([w, h]) - 2
     wh = torch.rand(n, 2, generator=gen) * torch.tensor([w, h])
     boxes = torch.cat([xy0, xy0 + wh], dim=1)

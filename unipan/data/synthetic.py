@@ -36,10 +36,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from unipan.data.common import Transform, make_sample
 from unipan.io import atomic_write_bytes, load_json, save_json, write_id_png
+from unipan.segments import label_stats
 from unipan.structures import VOID_ID, DatasetMeta, Sample, SegmentInfo
 
 # Things first, then stuff, as COCO lists them; ids are non-contiguous on purpose (1..5 and
@@ -142,13 +142,10 @@ class SynthOptions:
         if len(self.size) != 2 or min(self.size) < 32:
             problems.append(f"size must be (H, W) with both sides >= 32, got {self.size}")
         if not 0 <= self.min_instances <= self.max_instances:
-            problems.append(
-                f"need 0 <= min_instances <= max_instances, got {self.min_instances}, {self.max_instances}"
-            )
+            problems.append(f"need 0 <= min_instances <= max_instances, got {self.min_instances}, {self.max_instances}")
         if not 1 <= self.min_stuff <= self.max_stuff <= len(_STUFF_KINDS):
             problems.append(
-                f"need 1 <= min_stuff <= max_stuff <= {len(_STUFF_KINDS)}, "
-                f"got {self.min_stuff}, {self.max_stuff}"
+                f"need 1 <= min_stuff <= max_stuff <= {len(_STUFF_KINDS)}, got {self.min_stuff}, {self.max_stuff}"
             )
         for name in ("occlusion", "touching", "crowd_prob", "void_outline", "min_visible", "large_prob"):
             v = getattr(self, name)
@@ -324,11 +321,7 @@ def _texture_water(rng: np.random.Generator, h: int, w: int, amp: float, jitter:
     phase = 2 * np.pi * (y + wobble * np.sin(2 * np.pi * x / x_period + rng.uniform(0, 6.3))) / period
     wave = np.sin(phase + rng.uniform(0, 6.3)).astype(np.float32)
     crest = np.clip(wave - 0.75, 0, None) * 4.0  # bright thin crests on top of the stripes
-    return (
-        base
-        + (amp * wave)[..., None] * np.array([10, 20, 26], dtype=np.float32)
-        + (amp * 35.0 * crest)[..., None]
-    )
+    return base + (amp * wave)[..., None] * np.array([10, 20, 26], dtype=np.float32) + (amp * 35.0 * crest)[..., None]
 
 
 def _texture_wall(rng: np.random.Generator, h: int, w: int, amp: float, jitter: float) -> np.ndarray:
@@ -342,11 +335,7 @@ def _texture_wall(rng: np.random.Generator, h: int, w: int, amp: float, jitter: 
     x_shifted = x + (row % 2) * (brick_w // 2)  # stretcher bond: every other row offset by half
     col = x_shifted // brick_w
     brick_tint = rng.normal(0, 12, (int(row.max()) + 1, int(col.max()) + 1)).astype(np.float32)
-    img = (
-        base
-        + (amp * brick_tint[row, col])[..., None]
-        + (5 * amp) * rng.standard_normal((h, w, 1), dtype=np.float32)
-    )
+    img = base + (amp * brick_tint[row, col])[..., None] + (5 * amp) * rng.standard_normal((h, w, 1), dtype=np.float32)
     is_mortar = (y % brick_h == 0) | (x_shifted % brick_w == 0)
     mortar_mix = min(1.0, amp)
     img[is_mortar] = img[is_mortar] * (1 - mortar_mix) + mortar * mortar_mix
@@ -490,7 +479,7 @@ class _Placed:
 
 
 def _distinct_ids(rng: np.random.Generator, n: int) -> list[int]:
-    """n distinct random segment ids in [1, 256^3), like COCO's colour-derived ids (all 3 channels)."""
+    """N distinct random segment ids in [1, 256^3), like COCO's colour-derived ids (all 3 channels)."""
     ids: list[int] = []
     seen: set[int] = set()
     while len(ids) < n:
@@ -540,7 +529,7 @@ def _stuff_layout(rng: np.random.Generator, opts: SynthOptions) -> tuple[list[in
     return [kinds[j] for j in active], label
 
 
-def generate_scene(
+def generate_scene(  # noqa: C901 - one scene in order: layout, place, occlude, compose
     seed: int, index: int, opts: SynthOptions | None = None, split: str = "train"
 ) -> SynthScene:
     """Generate one image, its panoptic ground truth and how each thing was drawn.
@@ -622,9 +611,7 @@ def generate_scene(
             if lost:
                 occludes.append(k)
         region[mask] = len(placed)
-        info = SynthInstance(
-            0, int(cat["id"]), s.shape, (s.cx, s.cy), 2 * s.radius, amodal, iscrowd, placement
-        )
+        info = SynthInstance(0, int(cat["id"]), s.shape, (s.cx, s.cy), 2 * s.radius, amodal, iscrowd, placement)
         placed.append(_Placed(info, s, color_index, occludes))
         visible.append(int(mask.sum()))
 
@@ -697,9 +684,7 @@ def generate_scene(
         # favour small shapes, which fit more often
         for _position in range(4):
             s = propose(mode, cat, extent, None if anchor is None else placed[anchor])
-            fit = try_place(
-                s, anchor if mode == "touching" else None, anchor if mode == "occluding" else None
-            )
+            fit = try_place(s, anchor if mode == "touching" else None, anchor if mode == "occluding" else None)
             if fit is not None:
                 break
         if fit is None:
@@ -754,20 +739,19 @@ def generate_scene(
         p.info.segment_id = sid
     for p in placed:
         p.info.occludes = [placed[k].info.segment_id for k in p.occludes]
-    areas = np.bincount(compact.ravel(), minlength=n_segments + 1)
+    areas, bboxes = label_stats(torch.from_numpy(compact), n_segments + 1)
     segments: list[SegmentInfo] = []
-    for k, box in enumerate(ndimage.find_objects(compact, max_label=n_segments)):
-        if box is None:
+    for k, (area, (bx, by, bw, bh)) in enumerate(zip(areas[1:].tolist(), bboxes[1:].tolist(), strict=True)):
+        if area == 0:
             continue  # every pixel of it was covered or voided
-        ys, xs = box
         segments.append(
             SegmentInfo(
                 id=ids[k],
                 category_id=category_ids[k],
                 isthing=k >= len(kinds),
                 iscrowd=crowd_flags[k],
-                area=int(areas[k + 1]),
-                bbox=(xs.start, ys.start, xs.stop - xs.start, ys.stop - ys.start),
+                area=area,
+                bbox=(bx, by, bw, bh),
             )
         )
     return SynthScene(image=image, panoptic=panoptic, segments=segments, instances=[p.info for p in placed])
@@ -799,8 +783,11 @@ def generate_image(
 
 
 def image_name(index: int) -> str:
-    """File stem of image `index` on disk, zero-padded like COCO's. (The image id, in memory and in
-    the JSON, is the index itself: `str(index)` in memory, as the COCO-panoptic loader gives it.)"""
+    """File stem of image `index` on disk, zero-padded like COCO's.
+
+    The image id, in memory and in the JSON, is the index itself: `str(index)` in memory, as the
+    COCO-panoptic loader gives it.
+    """
     return f"{index:06d}"
 
 
@@ -819,7 +806,8 @@ class SyntheticPanoptic(torch.utils.data.Dataset[Sample]):
         split: str = "train",
         cache: bool = False,
     ) -> None:
-        """
+        """Make the dataset.
+
         Args:
             n: number of images.
             seed: dataset seed.
@@ -836,9 +824,7 @@ class SyntheticPanoptic(torch.utils.data.Dataset[Sample]):
         self.transform = transform
         self.split = split
         self.meta: DatasetMeta = synth_meta()
-        self._cache: dict[int, tuple[np.ndarray, np.ndarray, list[SegmentInfo]]] | None = (
-            {} if cache else None
-        )
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray, list[SegmentInfo]]] | None = {} if cache else None
 
     def __len__(self) -> int:
         return self.n
@@ -901,9 +887,7 @@ def write_synthetic_dataset(
         name = image_name(index)
         atomic_write_bytes(root / "images" / f"{name}.png", _encode_rgb_png(image))
         write_id_png(root / "panoptic" / f"{name}.png", panoptic)
-        images.append(
-            {"id": index, "file_name": f"{name}.png", "height": opts.size[0], "width": opts.size[1]}
-        )
+        images.append({"id": index, "file_name": f"{name}.png", "height": opts.size[0], "width": opts.size[1]})
         annotations.append(
             {
                 "image_id": index,
@@ -965,9 +949,7 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
     parser.add_argument("--out", type=str, default="data/synthetic", help="output folder")
-    parser.add_argument(
-        "--split", type=str, default="train", help="split name: folder and seed (default train)"
-    )
+    parser.add_argument("--split", type=str, default="train", help="split name: folder and seed (default train)")
     for f in fields(SynthOptions):
         if f.name == "size":
             continue

@@ -69,7 +69,7 @@ from torch import Tensor
 from unipan.io import MAX_SEGMENT_ID, load_json, save_json
 from unipan.structures import VOID_ID, DatasetMeta, SegmentInfo
 
-# spng is the fastest PNG decoder reachable from PyPI here (NOTES.md); png_decode is libpng
+# spng is the fastest PNG decoder reachable from PyPI here (`unipan.io` uses it too); png_decode is libpng
 _DECODE = imagecodecs.spng_decode if imagecodecs.SPNG.available else imagecodecs.png_decode
 
 logger = logging.getLogger(__name__)
@@ -363,7 +363,7 @@ class PQResult:
         return result
 
     def to_dict(self) -> dict[str, Any]:
-        """panopticapi's `pq_compute` return structure, per_class extended with tp/fp/fn.
+        """Panopticapi's `pq_compute` return structure, per_class extended with tp/fp/fn.
 
         {"All": {"pq", "sq", "rq", "n"}, "Things": ..., "Stuff": ...,
         "per_class": {category_id: {"pq", "sq", "rq", "tp", "fp", "fn"}}}
@@ -625,7 +625,7 @@ def _compact_index(values: np.ndarray, segments: _Segments, values_in_range: boo
     return index
 
 
-def _image_stat(
+def _image_stat(  # noqa: C901 - one pass over the run-length pairs, kept whole for speed
     gt_values: np.ndarray,
     pred_values: np.ndarray,
     lengths: np.ndarray,
@@ -856,11 +856,11 @@ def _decode_png_ids(path: Path, slot: str, where: str) -> tuple[np.ndarray, tupl
     raw[-1] = 0  # the last pixel's word reads one byte past the image
     try:
         _DECODE(data, out=raw[:-1].reshape(height, width, channels))
-    except Exception:  # noqa: BLE001 - retried below, where the error is reported
+    except Exception:
         # e.g. an RGB PNG with a tRNS chunk decodes to RGBA: decode into a fresh array instead
         try:
             decoded = np.asarray(_DECODE(data))
-        except Exception as e:  # noqa: BLE001 - every decoder failure means "corrupt file" here
+        except Exception as e:
             raise PanopticEvalError(f"{where}: cannot decode PNG ({type(e).__name__}: {e})") from None
         if decoded.dtype != np.uint8 or decoded.shape[:2] != (height, width) or decoded.ndim != 3:
             raise PanopticEvalError(

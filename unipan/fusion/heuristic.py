@@ -13,54 +13,37 @@ implementation of Panoptic FPN:
 
 Segment ids are 1..K in order of creation (things by score, then stuff by stuff index).
 
-Speed (`benchmarks/fusion_speed.py`: 100 instances on 1024 x 2048 take about 33 ms of one core's
-CPU time, 30-45 ms wall on this project's shared 2-core machine):
+Why it is fast enough for 100 instances at 1024 x 2048 (`benchmarks/fusion_speed.py`):
 
 - masks are pasted and compared only inside each box's pixel window (`unipan.fusion.paste`), never
   as N full-image masks;
 - one int64 map holds the semantic class of unassigned pixels and C + segment id of thing pixels,
-  so a few whole-image passes finish the job: per-row scatters give the area, rows and columns of
-  every stuff class and thing segment at once (the stuff area threshold and every `area` / `bbox`
-  come from them, i.e. from the final map), and one table lookup writes the final ids;
+  so a few whole-image passes finish the job: one `unipan.segments.label_stats` call gives the
+  area and bbox of every stuff class and thing segment at once (the stuff area threshold and
+  every `area` / `bbox` come from it, i.e. from the final map), and one table lookup writes the
+  final ids.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
-from unipan.config import FusionConfig
 from unipan.fusion.paste import iter_paste_masks_in_boxes
+from unipan.segments import label_stats, semantic_channels, stuff_mean_probs
 from unipan.structures import DatasetMeta, PanopticResult, RawPrediction, SegmentInfo, masks_to_boxes
 
-__all__ = ["fusion_from_config", "heuristic_fusion", "segment_stats", "semantic_channels"]
-
-SEM_SPACES = ("stuff+things", "all")
+__all__ = ["heuristic_fusion"]
 
 
-def semantic_channels(meta: DatasetMeta, sem_space: str) -> int:
-    """Number of semantic channels C of a `RawPrediction` in `sem_space` for this dataset.
-
-    "stuff+things": S + 1 (stuff indices 0..S-1, then one "things" channel); "all": S + T.
-    """
-    if sem_space == "stuff+things":
-        return meta.num_stuff + 1
-    if sem_space == "all":
-        return meta.num_stuff + meta.num_things
-    raise ValueError(f"sem_space must be one of {SEM_SPACES}, got {sem_space!r}")
-
-
-def _validate(raw: RawPrediction, meta: DatasetMeta, image_id: str) -> tuple[int, int, int]:
-    """Check shapes, dtypes and value ranges; return (h, w, C)."""
+def _validate(raw: RawPrediction, meta: DatasetMeta, image_id: str) -> tuple[int, int, int]:  # noqa: C901
+    """Check shapes, dtypes and value ranges; return (h, w, C) (C from `raw.sem_space`)."""
     where = f"image {image_id!r}" if image_id else "prediction"
     channels = semantic_channels(meta, raw.sem_space)
     if raw.sem_logits.dim() != 3:
-        raise ValueError(
-            f"{where}: sem_logits must be FloatTensor[C, h, w], got shape {tuple(raw.sem_logits.shape)}"
-        )
+        raise ValueError(f"{where}: sem_logits must be FloatTensor[C, h, w], got shape {tuple(raw.sem_logits.shape)}")
     if raw.sem_logits.shape[0] != channels:
         raise ValueError(
             f"{where}: sem_logits has {raw.sem_logits.shape[0]} channels, expected {channels} for "
@@ -69,13 +52,9 @@ def _validate(raw: RawPrediction, meta: DatasetMeta, image_id: str) -> tuple[int
     h, w = int(raw.sem_logits.shape[1]), int(raw.sem_logits.shape[2])
     if raw.sem_pred is not None:
         if tuple(raw.sem_pred.shape) != (h, w):
-            raise ValueError(
-                f"{where}: sem_pred has shape {tuple(raw.sem_pred.shape)}, sem_logits is {h} x {w}"
-            )
+            raise ValueError(f"{where}: sem_pred has shape {tuple(raw.sem_pred.shape)}, sem_logits is {h} x {w}")
         if raw.sem_pred.dtype.is_floating_point or raw.sem_pred.dtype == torch.bool:
-            raise ValueError(
-                f"{where}: sem_pred must be an integer tensor (argmax), got {raw.sem_pred.dtype}"
-            )
+            raise ValueError(f"{where}: sem_pred must be an integer tensor (argmax), got {raw.sem_pred.dtype}")
         # its value range is checked after the fusion's own counts (`_check_sem_pred`), which
         # saves a pass over the image
     n = raw.scores.numel()
@@ -84,17 +63,14 @@ def _validate(raw: RawPrediction, meta: DatasetMeta, image_id: str) -> tuple[int
     if tuple(raw.labels.shape) != (n,):
         raise ValueError(f"{where}: {n} scores but labels of shape {tuple(raw.labels.shape)}")
     if tuple(raw.boxes.shape) != (n, 4):
-        raise ValueError(
-            f"{where}: {n} scores but boxes of shape {tuple(raw.boxes.shape)} (expected [{n}, 4])"
-        )
+        raise ValueError(f"{where}: {n} scores but boxes of shape {tuple(raw.boxes.shape)} (expected [{n}, 4])")
     if n and torch.isnan(raw.scores).any():
         raise ValueError(f"{where}: instance scores contain NaN")
     if n:
         lo_label, hi_label = int(raw.labels.min()), int(raw.labels.max())
         if lo_label < 0 or hi_label >= meta.num_things:
             raise ValueError(
-                f"{where}: instance labels {lo_label}..{hi_label} outside thing indices "
-                f"0..{meta.num_things - 1}"
+                f"{where}: instance labels {lo_label}..{hi_label} outside thing indices 0..{meta.num_things - 1}"
             )
     if raw.masks is not None:
         if tuple(raw.masks.shape) != (n, h, w):
@@ -114,7 +90,11 @@ def _validate(raw: RawPrediction, meta: DatasetMeta, image_id: str) -> tuple[int
 def _instance_windows(
     raw: RawPrediction, order: Tensor, image_size: tuple[int, int], mask_thresh: float
 ) -> Iterator[tuple[Tensor, int, tuple[int, int, int, int]]]:
-    """Binary mask, its pixel count and its window (y0, y1, x0, x1), per instance of `order`."""
+    """Binary mask, its pixel count and its window (y0, y1, x0, x1), per instance of `order`.
+
+    The masks are BoolTensor[y1 - y0, x1 - x0]: crops of `raw.masks` to their tight boxes, or
+    `raw.mask_probs` pasted into `raw.boxes` and binarised at `mask_thresh`.
+    """
     if raw.masks is not None:
         masks = raw.masks[order]
         # tight boxes of the full-image masks (x1/y1 exclusive) are exactly their windows
@@ -135,56 +115,6 @@ def _check_sem_pred(raw: RawPrediction, channels: int, image_id: str) -> None:
     lo, hi = (int(v) for v in torch.aminmax(raw.sem_pred))
     where = f"image {image_id!r}" if image_id else "prediction"
     raise ValueError(f"{where}: sem_pred values {lo}..{hi} outside 0..{channels - 1}")
-
-
-def _row_stats(labels: Tensor, bins: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Pixel count and row extent of every label of a label map (one scatter-add per row).
-
-    Args:
-        labels: LongTensor[H, W] values in 0..bins-1.
-        bins: number of labels.
-
-    Returns:
-        areas, y_first, y_last: LongTensor[bins] each; rows y_first..y_last-1 (0, 0 if absent).
-    """
-    h, w = labels.shape
-    device = labels.device
-    ones = torch.ones((1, 1), dtype=torch.int32, device=device).expand(h, w)
-    counts = torch.zeros((h, bins), dtype=torch.int32, device=device).scatter_add_(1, labels, ones)
-    areas = counts.sum(dim=0, dtype=torch.long)
-    row_has = counts > 0
-    rows = torch.arange(h, device=device)[:, None]
-    y_first = torch.where(row_has, rows, h).amin(dim=0)
-    y_last = torch.where(row_has, rows, -1).amax(dim=0) + 1
-    present = areas > 0
-    return areas, y_first.masked_fill_(~present, 0), y_last.masked_fill_(~present, 0)
-
-
-def _column_extents(labels: Tensor, bins: int) -> tuple[Tensor, Tensor]:
-    """First and one-past-last column of every label (0, 0 if absent).
-
-    Per row, scatter-reduces find each label's first and last column, then a reduction over the
-    rows. Row-wise outputs (H x bins) stay in cache, unlike a per-column count (bins x W), which
-    is about twice as slow.
-
-    Args:
-        labels: LongTensor[H, W] values in 0..bins-1.
-        bins: number of labels.
-
-    Returns:
-        x_first, x_last: LongTensor[bins].
-    """
-    h, w = labels.shape
-    device = labels.device
-    columns = torch.arange(w, dtype=torch.int32, device=device)[None].expand(h, w)
-    first_col = torch.full((h, bins), w, dtype=torch.int32, device=device)
-    first_col.scatter_reduce_(1, labels, columns, "amin")
-    last_col = torch.full((h, bins), -1, dtype=torch.int32, device=device)
-    last_col.scatter_reduce_(1, labels, columns, "amax")
-    x_first = first_col.amin(dim=0).long()
-    x_last = last_col.amax(dim=0).long() + 1
-    absent = x_last == 0
-    return x_first.masked_fill_(absent, 0), x_last
 
 
 def heuristic_fusion(
@@ -215,10 +145,10 @@ def heuristic_fusion(
         stuff_area: minimum number of unassigned pixels for a stuff segment (0 or 1: any).
         image_id: stored in the result and named in error messages.
         stuff_scores: when True, a stuff segment's score is the mean softmax probability of its
-            class over its pixels (it needs a log-sum-exp over all C x h x w logits, which costs
-            far more than the rest of the fusion: ~1.5 s at 54 x 1024 x 2048 on 2 busy CPU
-            cores); when False (default) it is 1.0: stuff has no detection score, and nothing
-            downstream (PQ, COCO-panoptic files) reads it.
+            class over its pixels (`unipan.segments.stuff_mean_probs`: a log-sum-exp over all
+            C x h x w logits, which costs far more than the rest of the fusion); when False
+            (default) it is 1.0: stuff has no detection score, and nothing downstream (PQ,
+            COCO-panoptic files) reads it.
 
     Returns:
         PanopticResult at (h, w): panoptic IntTensor[h, w] with ids 1..K (0 = void); segments with
@@ -275,7 +205,7 @@ def heuristic_fusion(
     if h == 0 or w == 0:
         return PanopticResult(torch.zeros((h, w), dtype=torch.int32, device=device), [], image_id, raw)
     try:
-        areas, y_first, y_last = _row_stats(work, bins)
+        areas, bboxes = label_stats(work, bins)
     except (RuntimeError, IndexError):  # a sem_pred value beyond the bins
         _check_sem_pred(raw, channels, image_id)
         raise
@@ -290,24 +220,17 @@ def heuristic_fusion(
     # pixels of things and of kept stuff classes get their segment id; the rest (small stuff, the
     # "things" class where no instance is) stays void
     panoptic = lut.index_select(0, work.reshape(-1)).reshape(h, w)
-    x_first, x_last = _column_extents(work, bins)
 
+    # `work` is a valid stuff key: stuff classes are 0..S-1, every other value is >= S
     stuff_score_list = (
-        _stuff_scores(raw.sem_logits, work, stuff_kept, areas[stuff_kept])
+        stuff_mean_probs(raw.sem_logits, work, meta.num_stuff)[stuff_kept].tolist()
         if stuff_scores and stuff_kept.numel()
         else [1.0] * stuff_kept.numel()
     )
     kinds = [(True, t, score) for t, score in things] + [
         (False, k, score) for k, score in zip(stuff_kept.tolist(), stuff_score_list, strict=True)
     ]
-    stats = zip(
-        areas[labels].tolist(),
-        x_first[labels].tolist(),
-        y_first[labels].tolist(),
-        (x_last - x_first)[labels].tolist(),
-        (y_last - y_first)[labels].tolist(),
-        strict=True,
-    )
+    stats = zip(areas[labels].tolist(), bboxes[labels].tolist(), strict=True)
     segments = [
         SegmentInfo(
             id=segment_id,
@@ -317,83 +240,8 @@ def heuristic_fusion(
             bbox=(bx, by, bw, bh),
             score=score,
         )
-        for segment_id, ((isthing, index, score), (area, bx, by, bw, bh)) in enumerate(
+        for segment_id, ((isthing, index, score), (area, (bx, by, bw, bh))) in enumerate(
             zip(kinds, stats, strict=True), start=1
         )
     ]
     return PanopticResult(panoptic=panoptic, segments=segments, image_id=image_id, raw=raw)
-
-
-def _stuff_scores(sem_logits: Tensor, work: Tensor, kept: Tensor, areas: Tensor) -> list[float]:
-    """Mean softmax probability of each kept stuff class over its segment's pixels.
-
-    Every pixel of a stuff segment has that class as its argmax, so the mean is taken over the
-    probability of each pixel's own argmax class: one gather and one weighted bincount.
-
-    Args:
-        sem_logits: FloatTensor[C, h, w].
-        work: LongTensor[h, w] semantic class of unassigned pixels, > C where a thing took them.
-        kept: LongTensor[K] stuff indices that became segments.
-        areas: LongTensor[K] their pixel counts.
-
-    Returns:
-        K floats.
-    """
-    channels = sem_logits.shape[0]
-    logits = sem_logits.float()
-    own = logits.gather(0, work.clamp(max=channels - 1)[None])[0]  # junk on thing pixels, unused
-    prob = torch.exp(own - torch.logsumexp(logits, dim=0))
-    sums = torch.bincount(work.reshape(-1), weights=prob.reshape(-1).double(), minlength=channels + 1)
-    return (sums[kept] / areas.double()).tolist()
-
-
-def segment_stats(panoptic: Tensor, segment_ids: Sequence[int]) -> tuple[Tensor, Tensor]:
-    """Pixel count and COCO bbox of each listed segment in an id map.
-
-    Args:
-        panoptic: IntTensor[H, W] segment ids (0 = void).
-        segment_ids: K distinct non-zero ids; every non-zero id of the map must be among them.
-
-    Returns:
-        (areas LongTensor[K], bboxes LongTensor[K, 4] as x, y, w, h); zeros for ids absent from
-        the map.
-
-    Raises:
-        ValueError: when the map holds a non-zero id that is not listed, or ids repeat.
-    """
-    ids = torch.as_tensor(list(segment_ids), dtype=torch.long, device=panoptic.device)
-    k = ids.numel()
-    if ids.unique().numel() != k:
-        raise ValueError(f"segment ids repeat: {sorted(ids.tolist())}")
-    if (ids == 0).any():
-        raise ValueError("segment id 0 is void and cannot be listed")
-    h, w = panoptic.shape
-    if k == 0 or panoptic.numel() == 0:
-        if panoptic.numel() and bool((panoptic != 0).any()):
-            present = sorted(set(torch.unique(panoptic).tolist()) - {0})
-            raise ValueError(f"id map holds segment ids {present[:10]} that have no segment info")
-        return torch.zeros(k, dtype=torch.long), torch.zeros((k, 4), dtype=torch.long)
-    sorted_ids, perm = torch.sort(ids)
-    flat = panoptic.reshape(-1).to(torch.long)
-    pos = torch.searchsorted(sorted_ids, flat).clamp_(max=k - 1)
-    listed = sorted_ids[pos] == flat
-    if not bool((listed | (flat == 0)).all()):
-        unknown = sorted(set(flat[~listed & (flat != 0)].unique().tolist()))
-        raise ValueError(f"id map holds segment ids {unknown[:10]} that have no segment info")
-    # compact label: 0 void, 1 + position in `segment_ids` otherwise
-    compact = torch.where(listed, perm[pos] + 1, 0).reshape(h, w)
-    areas, y_first, y_last = _row_stats(compact, k + 1)
-    x_first, x_last = _column_extents(compact, k + 1)
-    bboxes = torch.stack([x_first, y_first, x_last - x_first, y_last - y_first], dim=1)[1:]
-    return areas[1:], bboxes
-
-
-def fusion_from_config(cfg: FusionConfig) -> functools.partial[PanopticResult]:
-    """`heuristic_fusion` with the thresholds of a `FusionConfig` bound (call it with raw, meta)."""
-    return functools.partial(
-        heuristic_fusion,
-        instance_score_thresh=cfg.instance_score_thresh,
-        overlap_thresh=cfg.overlap_thresh,
-        mask_thresh=cfg.mask_thresh,
-        stuff_area=cfg.stuff_area,
-    )

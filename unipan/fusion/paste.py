@@ -23,6 +23,9 @@ Two geometries:
 The aligned geometry is computed as two small matrix products per box, ``Wy @ mask @ Wx.T``,
 with the bilinear weights ``Wy`` (rows of the window x M) and ``Wx`` built for all boxes at once:
 bilinear interpolation is separable, so this equals ``grid_sample`` up to float rounding.
+
+For logits on the pixels whose centres lie inside each box (UPSNet's panoptic head, training and
+inference): `box_pixel_windows`, `paste_mask_logits` (differentiable) and `crop_full_mask_logits`.
 """
 
 from __future__ import annotations
@@ -97,22 +100,18 @@ def box_windows(
             lo_y, hi_y = (y0 - 0.5).ceil(), (y1 - 0.5).ceil()
         else:
             raise ValueError(f"outside must be 'zero' or 'edge', got {outside!r}")
-        win = torch.stack(
-            [lo_y.clamp(0, h), hi_y.clamp(0, h), lo_x.clamp(0, w), hi_x.clamp(0, w)], dim=1
-        ).long()
+        win = torch.stack([lo_y.clamp(0, h), hi_y.clamp(0, h), lo_x.clamp(0, w), hi_x.clamp(0, w)], dim=1).long()
         win[degenerate] = 0
         return win
     if mode == "torchvision":
         exp = _torchvision_expanded_boxes(boxes, mask_size)
         x0, y0, x1, y1 = exp.unbind(dim=1)
-        return torch.stack(
-            [y0.clamp(0, h), (y1 + 1).clamp(0, h), x0.clamp(0, w), (x1 + 1).clamp(0, w)], dim=1
-        )
+        return torch.stack([y0.clamp(0, h), (y1 + 1).clamp(0, h), x0.clamp(0, w), (x1 + 1).clamp(0, w)], dim=1)
     raise ValueError(f"mode must be 'aligned' or 'torchvision', got {mode!r}")
 
 
 def _torchvision_expanded_boxes(boxes: Tensor, mask_size: int) -> Tensor:
-    """torchvision's `expand_boxes` for one cell of padding, then truncation to int64."""
+    """Torchvision's `expand_boxes` for one cell of padding, then truncation to int64."""
     scale = float(mask_size + 2) / mask_size
     # Same float32 operations in the same order as torchvision, so the integer boxes agree.
     w_half = (boxes[:, 2] - boxes[:, 0]) * 0.5
@@ -138,11 +137,14 @@ def _bilinear_weights(
     """Bilinear weights of all windows along one axis, stacked.
 
     Args:
-        lo, hi: LongTensor[N] window start/end (pixels) per box; hi <= lo gives no rows.
-        b0, b1: DoubleTensor[N] box start/end (pixel edges) per box.
+        lo: LongTensor[N] window start (pixels) per box.
+        hi: LongTensor[N] window end (pixels) per box; hi <= lo gives no rows.
+        b0: DoubleTensor[N] box start (pixel edge) per box.
+        b1: DoubleTensor[N] box end (pixel edge) per box.
         grid: M, cells of the mask along this axis.
         outside: "zero" (cells beyond the grid are 0) or "edge" (clamp to the border cells).
-        dtype, device: of the returned weights (all inputs are CPU tensors).
+        dtype: of the returned weights.
+        device: of the returned weights (all inputs are CPU tensors).
 
     Returns:
         (weights, offsets): weights FloatTensor[L, M] with L = sum(max(hi - lo, 0)), rows of box i
@@ -238,9 +240,7 @@ def iter_paste_masks_in_boxes(
         yield values, (y0, y1, x0, x1)
 
 
-def _paste_torchvision(
-    masks: Tensor, boxes: Tensor, image_size: tuple[int, int]
-) -> list[tuple[Tensor, Window]]:
+def _paste_torchvision(masks: Tensor, boxes: Tensor, image_size: tuple[int, int]) -> list[tuple[Tensor, Window]]:
     h, w = image_size
     n, grid_h, grid_w = masks.shape
     if grid_h != grid_w:
@@ -257,9 +257,7 @@ def _paste_torchvision(
         if x1 <= x0 or y1 <= y0:
             out.append((masks.new_zeros((0, 0)), (y0, y0, x0, x0)))
             continue
-        resized = F.interpolate(
-            padded[i][None, None], size=(box_h, box_w), mode="bilinear", align_corners=False
-        )
+        resized = F.interpolate(padded[i][None, None], size=(box_h, box_w), mode="bilinear", align_corners=False)
         out.append((resized[0, 0, y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0], (y0, y1, x0, x1)))
     return out
 
@@ -278,7 +276,8 @@ def paste_mask_in_box(
         mask: FloatTensor[Mh, Mw] mask probabilities or logits.
         box: xyxy box in pixels (4 floats or a FloatTensor[4]).
         image_size: (h, w) of the target image.
-        mode, outside: as in `paste_masks_in_boxes`.
+        mode: as in `paste_masks_in_boxes`.
+        outside: as in `paste_masks_in_boxes`.
 
     Returns:
         (FloatTensor[y1 - y0, x1 - x0], (y0, y1, x0, x1)).
@@ -303,7 +302,8 @@ def paste_masks_in_image(
         masks: FloatTensor[N, Mh, Mw].
         boxes: FloatTensor[N, 4] xyxy.
         image_size: (h, w).
-        mode, outside: as in `paste_masks_in_boxes`.
+        mode: as in `paste_masks_in_boxes`.
+        outside: as in `paste_masks_in_boxes`.
 
     Returns:
         FloatTensor[N, h, w], zero outside each window.
@@ -316,3 +316,70 @@ def paste_masks_in_image(
     ):
         out[i, y0:y1, x0:x1] = values
     return out
+
+
+# --- logits on box pixels (UPSNet's panoptic head: training and inference) ------------------------
+def box_pixel_windows(boxes: Tensor, size: tuple[int, int]) -> Tensor:
+    """The pixels whose centres lie inside each box, clipped to the image.
+
+    The windows of `box_windows` with ``outside="edge"``, with a window that is empty along one
+    axis made empty along both (so its crop is [0, 0]).
+
+    Args:
+        boxes: FloatTensor[N, 4] xyxy boxes in pixel-edge coordinates of a (h, w) map.
+        size: (h, w) of that map.
+
+    Returns:
+        LongTensor[N, 4] (y0, y1, x0, x1): rows y0..y1-1 and columns x0..x1-1.
+    """
+    if boxes.shape[0] == 0:
+        return torch.zeros((0, 4), dtype=torch.long, device=boxes.device)
+    win = box_windows(boxes, size, mode="aligned", outside="edge")
+    empty = (win[:, 1] <= win[:, 0]) | (win[:, 3] <= win[:, 2])
+    win[empty, 1] = win[empty, 0]
+    win[empty, 3] = win[empty, 2]
+    return win.to(boxes.device)
+
+
+def paste_mask_logits(mask_logits: Tensor, boxes: Tensor, size: tuple[int, int]) -> list[Tensor]:
+    """Bilinearly resample RoI mask logits onto the pixels of their boxes (differentiable).
+
+    Each M x M grid spans its box edge to edge; pixels sample it at their centres, clamped to the
+    border cells (``outside="edge"``: a logit of 0 is not background).
+
+    Args:
+        mask_logits: FloatTensor[N, M, M] (or [N, 1, M, M]) mask logits of each instance's class.
+        boxes: FloatTensor[N, 4] xyxy boxes, in the pixel units of the target map.
+        size: (h, w) of the target map.
+
+    Returns:
+        N tensors FloatTensor[y1 - y0, x1 - x0]: the logits on the windows of
+        `box_pixel_windows(boxes, size)`.
+    """
+    if mask_logits.dim() == 4:
+        mask_logits = mask_logits.squeeze(1)
+    if mask_logits.dim() != 3 or mask_logits.shape[0] != boxes.shape[0]:
+        raise ValueError(
+            f"mask logits of shape {tuple(mask_logits.shape)} do not match {boxes.shape[0]} boxes (expected [N, M, M])"
+        )
+    if boxes.shape[0] == 0:
+        return []
+    windows = box_pixel_windows(boxes, size)
+    pasted = paste_masks_in_boxes(mask_logits, boxes, size, outside="edge")
+    crops: list[Tensor] = []
+    for (values, _), (y0, y1, x0, x1) in zip(pasted, windows.tolist(), strict=True):
+        crops.append(values if values.shape == (y1 - y0, x1 - x0) else mask_logits.new_zeros((y1 - y0, x1 - x0)))
+    return crops
+
+
+def crop_full_mask_logits(full_mask_logits: Tensor, windows: Tensor) -> list[Tensor]:
+    """Cut image-sized mask logits down to their windows (values outside a box are never used).
+
+    Args:
+        full_mask_logits: FloatTensor[N, h, w].
+        windows: LongTensor[N, 4] from `box_pixel_windows`.
+
+    Returns:
+        N tensors FloatTensor[y1 - y0, x1 - x0].
+    """
+    return [full_mask_logits[i, y0:y1, x0:x1] for i, (y0, y1, x0, x1) in enumerate(windows.tolist())]

@@ -25,112 +25,28 @@ exactly, ties included (the first maximal channel wins, as torch.argmax).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import nms
 
-from unipan.config import UPSNetConfig
-from unipan.fusion.paste import box_windows, paste_masks_in_boxes
-from unipan.structures import (
-    IGNORE_LABEL,
-    VOID_ID,
-    DatasetMeta,
-    PanopticResult,
-    PanopticTarget,
-    RawPrediction,
-    SegmentInfo,
-    masks_to_boxes,
-)
+from unipan.fusion.paste import box_pixel_windows, crop_full_mask_logits, paste_mask_logits
+from unipan.fusion.settings import PanopticHeadSettings
+from unipan.segments import compose_panoptic
+from unipan.structures import IGNORE_LABEL, DatasetMeta, PanopticResult, RawPrediction
 
 __all__ = [
-    "PanopticHeadSettings",
     "assign_instance_classes",
-    "box_pixel_windows",
-    "compose_panoptic",
-    "crop_full_mask_logits",
-    "instance_index_map",
-    "oracle_raw_prediction",
-    "oracle_sem_logits",
     "panoptic_argmax",
     "panoptic_logits",
     "panoptic_loss",
     "panoptic_targets",
-    "paste_mask_logits",
     "prune_masks",
     "sample_kept_instances",
     "select_detections",
     "upsnet_fusion",
 ]
-
-
-# --- geometry --------------------------------------------------------------------------------
-def box_pixel_windows(boxes: Tensor, size: tuple[int, int]) -> Tensor:
-    """The pixels whose centres lie inside each box, clipped to the image.
-
-    The windows of `unipan.fusion.paste` with ``outside="edge"``, with a window that is empty
-    along one axis made empty along both (so its crop is [0, 0]).
-
-    Args:
-        boxes: FloatTensor[N, 4] xyxy boxes in pixel-edge coordinates of a (h, w) map.
-        size: (h, w) of that map.
-
-    Returns:
-        LongTensor[N, 4] (y0, y1, x0, x1): rows y0..y1-1 and columns x0..x1-1.
-    """
-    if boxes.shape[0] == 0:
-        return torch.zeros((0, 4), dtype=torch.long, device=boxes.device)
-    win = box_windows(boxes, size, mode="aligned", outside="edge")
-    empty = (win[:, 1] <= win[:, 0]) | (win[:, 3] <= win[:, 2])
-    win[empty, 1] = win[empty, 0]
-    win[empty, 3] = win[empty, 2]
-    return win.to(boxes.device)
-
-
-def paste_mask_logits(mask_logits: Tensor, boxes: Tensor, size: tuple[int, int]) -> list[Tensor]:
-    """Bilinearly resample RoI mask logits onto the pixels of their boxes (differentiable).
-
-    Each M x M grid spans its box edge to edge; pixels sample it at their centres, clamped to the
-    border cells (``outside="edge"`` of `unipan.fusion.paste`: a logit of 0 is not background).
-
-    Args:
-        mask_logits: FloatTensor[N, M, M] (or [N, 1, M, M]) mask logits of each instance's class.
-        boxes: FloatTensor[N, 4] xyxy boxes, in the pixel units of the target map.
-        size: (h, w) of the target map.
-
-    Returns:
-        N tensors FloatTensor[y1 - y0, x1 - x0]: the logits on the windows of
-        `box_pixel_windows(boxes, size)`.
-    """
-    if mask_logits.dim() == 4:
-        mask_logits = mask_logits.squeeze(1)
-    if mask_logits.dim() != 3 or mask_logits.shape[0] != boxes.shape[0]:
-        raise ValueError(
-            f"mask logits of shape {tuple(mask_logits.shape)} do not match {boxes.shape[0]} boxes (expected [N, M, M])"
-        )
-    if boxes.shape[0] == 0:
-        return []
-    windows = box_pixel_windows(boxes, size)
-    pasted = paste_masks_in_boxes(mask_logits, boxes, size, outside="edge")
-    crops: list[Tensor] = []
-    for (values, _), (y0, y1, x0, x1) in zip(pasted, windows.tolist(), strict=True):
-        crops.append(values if values.shape == (y1 - y0, x1 - x0) else mask_logits.new_zeros((y1 - y0, x1 - x0)))
-    return crops
-
-
-def crop_full_mask_logits(full_mask_logits: Tensor, windows: Tensor) -> list[Tensor]:
-    """Cut image-sized mask logits down to their windows (values outside a box are never used).
-
-    Args:
-        full_mask_logits: FloatTensor[N, h, w].
-        windows: LongTensor[N, 4] from `box_pixel_windows`.
-
-    Returns:
-        N tensors FloatTensor[y1 - y0, x1 - x0].
-    """
-    return [full_mask_logits[i, y0:y1, x0:x1] for i, (y0, y1, x0, x1) in enumerate(windows.tolist())]
 
 
 # --- panoptic logits (training; reference for inference) -------------------------------------
@@ -209,7 +125,7 @@ def panoptic_argmax(
     unknown: bool = True,
     return_sem_pred: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """argmax over the channels of Z without building Z (inference at full resolution).
+    """Argmax over the channels of Z without building Z (inference at full resolution).
 
     Equals `panoptic_logits(...).argmax(0)` exactly, ties included. An instance channel is zero
     outside its box, so where every other logit is negative the first instance whose box misses
@@ -217,8 +133,12 @@ def panoptic_argmax(
     which finds that instance without a pass over the whole image per instance.
 
     Args:
-        sem_logits: FloatTensor[C, h, w]; windows, thing_labels, crops, num_stuff, unknown: as
-            `panoptic_logits`.
+        sem_logits: FloatTensor[C, h, w] semantic logits, stuff first (C = S + T).
+        windows: LongTensor[N, 4] box pixel ranges, as in `panoptic_logits`.
+        thing_labels: LongTensor[N] thing index of each instance.
+        crops: N mask-logit crops FloatTensor[y1 - y0, x1 - x0].
+        num_stuff: S.
+        unknown: include the unknown channel.
         return_sem_pred: also return the semantic argmax, a by-product of the channel maxima.
 
     Returns:
@@ -295,18 +215,6 @@ def panoptic_argmax(
 
 
 # --- training --------------------------------------------------------------------------------
-def instance_index_map(masks: Tensor) -> Tensor:
-    """BoolTensor[N, H, W] non-overlapping instance masks -> LongTensor[H, W] instance index, -1 elsewhere.
-
-    Where masks overlap (they should not in panoptic ground truth) the later instance wins.
-    """
-    n, h, w = masks.shape
-    out = torch.full((h, w), -1, dtype=torch.long, device=masks.device)
-    for i in range(n):
-        out[masks[i]] = i
-    return out
-
-
 def sample_kept_instances(num_instances: int, keep_fraction: float, generator: torch.Generator | None = None) -> Tensor:
     """Choose round(keep_fraction * N) of N ground-truth instances uniformly at random.
 
@@ -317,7 +225,7 @@ def sample_kept_instances(num_instances: int, keep_fraction: float, generator: t
     """
     if not 0.0 <= keep_fraction <= 1.0:
         raise ValueError(f"keep_fraction must lie in [0, 1], got {keep_fraction}")
-    n_keep = int(math.floor(keep_fraction * num_instances + 0.5))
+    n_keep = math.floor(keep_fraction * num_instances + 0.5)
     keep = torch.zeros(num_instances, dtype=torch.bool)
     if n_keep > 0:
         keep[torch.randperm(num_instances, generator=generator)[:n_keep]] = True
@@ -331,7 +239,8 @@ def panoptic_targets(
 
     Args:
         sem_seg: LongTensor[h, w] class index (stuff first), IGNORE_LABEL on void and crowd.
-        instance_map: LongTensor[h, w] GT instance index (`instance_index_map`), -1 elsewhere.
+        instance_map: LongTensor[h, w] GT instance index (`PanopticTarget.instance_index_map`),
+            -1 elsewhere.
         keep: BoolTensor[N] GT instances that get a channel of Z, in GT order.
         num_stuff: S.
         unknown: label the pixels of dropped instances with the unknown channel S + K (K kept
@@ -404,54 +313,17 @@ def panoptic_loss(
 
 
 # --- inference -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PanopticHeadSettings:
-    """Inference settings of the panoptic head (defaults: the paper's COCO values)."""
-
-    # class-agnostic NMS IoU, minimum detection score, detections kept before mask pruning
-    nms_thresh: float = 0.5
-    score_thresh: float = 0.6
-    max_detections: int = 100
-    # a mask is dropped when more than this fraction of it overlaps kept masks of its class
-    mask_overlap_thresh: float = 0.3
-    # stuff segments smaller than this many pixels become void (COCO 4096, Cityscapes 2048)
-    stuff_area: int = 4096
-    # instance class assignment: a stuff majority relabels a region covering at least this much
-    class_assignment: bool = True
-    stuff_majority: float = 0.5
-    # predict the unknown class (its pixels become void)
-    unknown: bool = True
-    # False: use every given instance as is (oracle boxes): no NMS, score filter or top-k
-    filter_detections: bool = True
-    # mask logit magnitude given to binary masks when a prediction has no logits or probabilities
-    binary_mask_logit: float = 10.0
-    # stuff segment score: mean class probability (one more pass over all logits) or 1.0
-    stuff_scores: bool = False
-
-    @classmethod
-    def from_config(cls, cfg: UPSNetConfig) -> PanopticHeadSettings:
-        """From `cfg.model.upsnet`: oracle boxes turn detection filtering off, and the GT class
-        oracle turns the class assignment heuristic off."""
-        return cls(
-            nms_thresh=cfg.nms_thresh,
-            score_thresh=cfg.score_thresh,
-            max_detections=cfg.max_detections,
-            mask_overlap_thresh=cfg.mask_overlap_thresh,
-            stuff_area=cfg.stuff_area,
-            class_assignment=cfg.instance_class_assignment and not cfg.oracle_class_assignment,
-            stuff_majority=cfg.stuff_majority,
-            unknown=cfg.unknown,
-            filter_detections=not cfg.oracle_boxes,
-        )
-
-
 def select_detections(
     boxes: Tensor, scores: Tensor, nms_thresh: float, score_thresh: float, max_detections: int
 ) -> Tensor:
     """Class-agnostic NMS, then score > score_thresh, then the top `max_detections`.
 
     Args:
-        boxes: FloatTensor[N, 4] xyxy; scores: FloatTensor[N].
+        boxes: FloatTensor[N, 4] xyxy.
+        scores: FloatTensor[N].
+        nms_thresh: IoU above which the lower-scoring box is suppressed.
+        score_thresh: boxes scoring at or below it are dropped.
+        max_detections: at most this many are kept.
 
     Returns:
         LongTensor[K] indices into the inputs, by decreasing score.
@@ -521,7 +393,8 @@ def assign_instance_classes(
         z_index: LongTensor[h, w] argmax of Z (`panoptic_argmax`).
         sem_pred: LongTensor[h, w] semantic argmax (class index).
         thing_labels: LongTensor[N] detected thing index.
-        num_stuff: S; num_classes: C = S + T.
+        num_stuff: S.
+        num_classes: C = S + T.
         stuff_majority: 0.5 in the paper.
 
     Returns:
@@ -540,123 +413,6 @@ def assign_instance_classes(
     consistent = counts.gather(1, detected[:, None]).squeeze(1) >= mode_count
     to_stuff = ~consistent & (mode < num_stuff) & (mode_count >= stuff_majority * area) & (area > 0)
     return torch.where(to_stuff, mode, detected)
-
-
-def _stuff_mean_probs(sem_logits: Tensor, key: Tensor, num_stuff: int) -> Tensor:
-    """Mean softmax probability of each stuff class over the pixels whose key is that class.
-
-    Args:
-        sem_logits: FloatTensor[C, h, w].
-        key: LongTensor[h, w] stuff index where a pixel belongs to a stuff segment, else < 0 or
-            >= S.
-
-    Returns:
-        FloatTensor[S] (0 for classes without pixels).
-    """
-    is_stuff = (key >= 0) & (key < num_stuff)
-    log_norm = torch.logsumexp(sem_logits.float(), dim=0)
-    own = sem_logits.float().gather(0, torch.where(is_stuff, key, 0)[None])[0]
-    prob = torch.exp(own - log_norm)[is_stuff].double()
-    cls = key[is_stuff]
-    total = torch.zeros(num_stuff, dtype=torch.float64, device=key.device).index_add_(0, cls, prob)
-    count = torch.bincount(cls, minlength=num_stuff).double()
-    return (total / count.clamp(min=1)).float()
-
-
-def compose_panoptic(
-    z_index: Tensor,
-    instance_class: Tensor,
-    scores: Tensor,
-    meta: DatasetMeta,
-    stuff_area: int,
-    unknown: bool = True,
-    sem_logits: Tensor | None = None,
-) -> tuple[Tensor, list[SegmentInfo]]:
-    """Turn the argmax of Z into an id map and its segments.
-
-    Unknown pixels become void; instances relabelled to stuff join that stuff class's segment;
-    stuff segments under `stuff_area` pixels become void; instances that won no pixel vanish.
-
-    Args:
-        z_index: LongTensor[h, w] argmax of Z (S + N + 1 channels when `unknown`, else S + N).
-        instance_class: LongTensor[N] class index per instance (`assign_instance_classes`).
-        scores: FloatTensor[N] detection scores.
-        meta: the dataset's classes.
-        stuff_area: minimum stuff segment area in pixels.
-        unknown: whether the last channel of Z is the unknown class.
-        sem_logits: FloatTensor[C, h, w]: when given, a stuff segment's score is the mean softmax
-            probability of its class over its pixels (one more pass over all C x h x w logits);
-            else 1.0, as nothing downstream (PQ, COCO-panoptic files) reads it.
-
-    Returns:
-        IntTensor[h, w] (int32) segment ids (instances 1..K in channel order, then stuff by class
-        index), and their SegmentInfo (area and bbox filled).
-    """
-    s = meta.num_stuff
-    n = int(instance_class.numel())
-    dev = z_index.device
-    h, w = z_index.shape
-    instance_class = instance_class.to(dev)
-    # key per Z channel: stuff class k -> k, instance i -> S + i (or its stuff class), unknown -> -1
-    parts = [
-        torch.arange(s, device=dev),
-        torch.where(instance_class < s, instance_class, s + torch.arange(n, device=dev)),
-    ]
-    if unknown:
-        parts.append(torch.full((1,), -1, device=dev))
-    key = torch.cat(parts)[z_index]
-    area = torch.bincount((key + 1).flatten(), minlength=s + n + 1)[1:]
-    inst_order = torch.nonzero(area[s:] > 0).flatten()
-    stuff_order = torch.nonzero(area[:s] >= max(stuff_area, 1)).flatten()
-    n_inst, n_stuff = inst_order.numel(), stuff_order.numel()
-    id_lut = torch.zeros(s + n + 1, dtype=torch.int32, device=dev)  # indexed by key + 1; 0 = void
-    id_lut[s + 1 + inst_order] = torch.arange(1, n_inst + 1, dtype=torch.int32, device=dev)
-    id_lut[1 + stuff_order] = torch.arange(n_inst + 1, n_inst + n_stuff + 1, dtype=torch.int32, device=dev)
-    panoptic = id_lut[key + 1]
-
-    flat_ids = panoptic.flatten().long()
-    ys = torch.arange(h, device=dev).repeat_interleave(w)
-    xs = torch.arange(w, device=dev).repeat(h)
-    big = max(h, w) + 1
-    num = n_inst + n_stuff + 1
-    bx0 = torch.full((num,), big, device=dev).scatter_reduce(0, flat_ids, xs, "amin")
-    by0 = torch.full((num,), big, device=dev).scatter_reduce(0, flat_ids, ys, "amin")
-    bx1 = torch.full((num,), -1, device=dev).scatter_reduce(0, flat_ids, xs, "amax")
-    by1 = torch.full((num,), -1, device=dev).scatter_reduce(0, flat_ids, ys, "amax")
-    bbox = torch.stack([bx0, by0, bx1 - bx0 + 1, by1 - by0 + 1], dim=1).tolist()
-
-    stuff_scores = [1.0] * s
-    if sem_logits is not None and n_stuff:
-        stuff_key = torch.where(panoptic != VOID_ID, key, -1)
-        stuff_scores = _stuff_mean_probs(sem_logits, stuff_key, s).tolist()
-
-    areas = area.tolist()
-    score_list = scores.tolist()
-    class_list = instance_class.tolist()
-    segments: list[SegmentInfo] = []
-    for seg_id, i in enumerate(inst_order.tolist(), start=1):
-        segments.append(
-            SegmentInfo(
-                id=seg_id,
-                category_id=meta.thing_dataset_id(class_list[i] - s),
-                isthing=True,
-                area=int(areas[s + i]),
-                bbox=tuple(bbox[seg_id]),
-                score=float(score_list[i]),
-            )
-        )
-    for seg_id, k in enumerate(stuff_order.tolist(), start=n_inst + 1):
-        segments.append(
-            SegmentInfo(
-                id=seg_id,
-                category_id=meta.stuff_dataset_id(k),
-                isthing=False,
-                area=int(areas[k]),
-                bbox=tuple(bbox[seg_id]),
-                score=float(stuff_scores[k]),
-            )
-        )
-    return panoptic, segments
 
 
 def _instance_mask_crops(
@@ -777,71 +533,3 @@ def upsnet_fusion(
         sem_logits=sem_logits if settings.stuff_scores else None,
     )
     return PanopticResult(panoptic=panoptic, segments=segments, image_id=image_id, raw=raw)
-
-
-# --- oracle ----------------------------------------------------------------------------------
-def oracle_sem_logits(sem_seg: Tensor, num_classes: int, scale: float = 10.0) -> Tensor:
-    """One-hot ground-truth semantic logits: `scale` on the GT class, 0 elsewhere.
-
-    Args:
-        sem_seg: LongTensor[h, w] class index, IGNORE_LABEL where unknown (all-zero logits).
-        num_classes: C.
-        scale: the logit of the GT class.
-
-    Returns:
-        FloatTensor[C, h, w].
-    """
-    valid = sem_seg != IGNORE_LABEL
-    if valid.any() and (int(sem_seg[valid].max()) >= num_classes or int(sem_seg[valid].min()) < 0):
-        raise ValueError(f"sem_seg has classes outside [0, {num_classes}) besides the ignore label")
-    h, w = sem_seg.shape
-    out = torch.zeros((num_classes, h, w), dtype=torch.float32, device=sem_seg.device)
-    out.scatter_(0, torch.where(valid, sem_seg, 0)[None], (valid.float() * scale)[None])
-    return out
-
-
-def oracle_raw_prediction(
-    target: PanopticTarget, meta: DatasetMeta, scale: float = 10.0, include_crowd: bool = True
-) -> RawPrediction:
-    """A RawPrediction made of ground truth (the oracle rows of the paper's Table 6, all at once).
-
-    GT boxes and classes with score 1, GT masks as +-scale full-image logits, one-hot GT semantic
-    logits (crowd pixels carry their crowd class: it is what they show).
-
-    Why crowd regions enter as instances (`include_crowd`): a crowd pixel inside the box of a GT
-    instance of the crowd's class has X_mask = scale and Y_mask = -scale there, so its instance
-    logit, the unknown logit and the stuff logits all tie at 0 and the first stuff class takes
-    it; a stuff segment made of crowd pixels is a false positive for PQ. As an instance of its
-    own, the crowd region becomes a thing segment lying on a same-class crowd region, which PQ
-    ignores, just as it ignores a detector's crowd detections.
-
-    Args:
-        target: the ground truth of one image.
-        meta: its classes.
-        scale: logit magnitude.
-        include_crowd: add each crowd segment as an instance (after the real instances).
-
-    Returns:
-        RawPrediction with sem_space "all", boxes/labels/scores/masks, and
-        extras["full_mask_logits"] FloatTensor[N, h, w].
-    """
-    sem_seg = target.sem_seg.clone()
-    boxes, labels, masks = [target.boxes.float()], [target.labels], [target.masks]
-    crowd_segments = [seg for seg in target.segments if seg.iscrowd]
-    for seg in crowd_segments:
-        region = target.panoptic == seg.id
-        sem_seg[region] = meta.class_index(seg.category_id)
-        if include_crowd and meta.isthing(seg.category_id):
-            masks.append(region[None])
-            boxes.append(masks_to_boxes(region[None]))
-            labels.append(torch.tensor([meta.thing_index(seg.category_id)]))
-    mask_t = torch.cat(masks)
-    return RawPrediction(
-        boxes=torch.cat(boxes),
-        scores=torch.ones(mask_t.shape[0]),
-        labels=torch.cat(labels).long(),
-        sem_logits=oracle_sem_logits(sem_seg, meta.num_classes, scale),
-        masks=mask_t,
-        sem_space="all",
-        extras={"full_mask_logits": mask_t.float() * (2 * scale) - scale},
-    )
