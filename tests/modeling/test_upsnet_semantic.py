@@ -10,7 +10,6 @@ from torchvision.ops import roi_align
 
 from unipan.modeling.heads.upsnet_semantic import (
     DeformableConvBlock,
-    GlobalContext,
     UPSNetSemanticHead,
     roi_semantic_targets,
     semantic_roi_loss,
@@ -139,15 +138,6 @@ def test_roi_logits_and_loss() -> None:
     assert head.scorer.weight.grad is not None and bool((head.scorer.weight.grad != 0).any())
     empty = semantic_roi_loss(head, feature, [boxes[0][:0], boxes[1][:0]], sem_segs)
     assert float(empty.detach()) == 0.0 and empty.requires_grad
-
-
-def test_global_context_is_linear_of_pooled_res5() -> None:
-    torch.manual_seed(0)
-    ctx = GlobalContext(16, 4)
-    res5 = torch.randn(2, 16, 3, 5)
-    out = ctx(res5)
-    assert out.shape == (2, 4, 1, 1)
-    torch.testing.assert_close(out[:, :, 0, 0], res5.mean(dim=(2, 3)) @ ctx.fc.weight.t() + ctx.fc.bias)
 
 
 def test_head_rejects_bad_inputs() -> None:

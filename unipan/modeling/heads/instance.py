@@ -1,74 +1,76 @@
-"""Mask R-CNN instance branch driven from unipan's `Batch`, built on torchvision's RPN and RoIHeads.
+"""Mask R-CNN's instance branch: an `RPN`, a `BoxHead` and a `MaskHead` composed over pyramid features.
 
-`InstanceBranch` runs the parts of a torchvision `RegionProposalNetwork` and `RoIHeads` itself
-(anchor generator, RPN head, box coder, matcher, sampler, RoI pools, box and mask heads) instead of
-their `forward`s, so that what later models need stays reachable: RPN features and objectness
-(AUNet), proposals, box features (REFINE), and the mask logits of every thing class together with
-the mask head's features (UPSNet).
+The three parts live in `rpn.py`, `roi_box.py` and `roi_mask.py` (detectron2's roi_heads split),
+each usable alone: SpatialFlow runs the mask head on one-stage detections, UPSNet's oracle the box
+classifier and the mask head on GT boxes. `InstanceBranch.run` drives them for Mask R-CNN and keeps
+every intermediate result: RPN features and objectness (AUNet), proposals, box features (REFINE),
+and the mask logits of every thing class with the mask head's features (UPSNet).
 
-Label spaces: torchvision's box classifier has class 0 = background, so a thing index t is
-torchvision label t + 1. The mask predictor has one channel per thing index (no background
-channel, as in detectron2). Every output of this module speaks thing indices.
+Label spaces: every output of this module speaks thing indices 0..T-1 (-1 = background); only the
+targets handed to torchvision's losses (`torchvision_targets`) use torchvision's t + 1.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.models.detection.image_list import ImageList
-from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, project_masks_on_boxes
-from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
-from torchvision.ops import MultiScaleRoIAlign
 
-from unipan.config import ModelConfig
-from unipan.structures import DatasetMeta, PanopticTarget
+from unipan.config import MaskHeadConfig, RoIHeadsConfig, RPNConfig
+from unipan.modeling.heads.roi_box import ROI_IN_FEATURES, BoxHead, build_box_head
+from unipan.modeling.heads.roi_mask import MaskHead, build_mask_head
+from unipan.modeling.heads.rpn import RPN, RPN_IN_FEATURES, RPNOutputs, build_rpn
+from unipan.structures import PanopticTarget
 
 __all__ = [
-    "RPN_IN_FEATURES",
     "ROI_IN_FEATURES",
-    "RPNOutputs",
-    "InstanceOutputs",
+    "RPN_IN_FEATURES",
+    "V1_STATE_DICT_RENAMES",
     "InstanceBranch",
+    "InstanceOutputs",
+    "RPNOutputs",
     "build_instance_branch",
+    "rename_state_dict_keys",
     "torchvision_targets",
 ]
 
-RPN_IN_FEATURES = ("p2", "p3", "p4", "p5", "p6")
-"""Pyramid levels the RPN runs on (Mask R-CNN R50-FPN)."""
+_V1_INSTANCE_RENAMES = [
+    ("instance_branch.roi_heads.box_head.", "instance_branch.box_head.mlp."),
+    ("instance_branch.roi_heads.box_predictor.", "instance_branch.box_head.predictor."),
+    ("instance_branch.roi_heads.mask_head.", "instance_branch.mask_head.convs."),
+    ("instance_branch.roi_heads.mask_predictor.", "instance_branch.mask_head.predictor."),
+]
 
-ROI_IN_FEATURES = ("p2", "p3", "p4", "p5")
-"""Pyramid levels the RoI pools read (P6 is for proposals only)."""
+V1_STATE_DICT_RENAMES: dict[str, list[tuple[str, str]]] = {
+    "panoptic_fpn": list(_V1_INSTANCE_RENAMES),
+    "upsnet": [("backbone.backbone.", "backbone."), *_V1_INSTANCE_RENAMES],
+}
+"""Per model name, (old prefix, new prefix) of the model state-dict keys saved before the backbone
+package and the heads split (config version 1). Unlisted keys are unchanged: `backbone.trunk.*`,
+`backbone.fpn.*`, `instance_branch.rpn.head.*`, `semantic_head.*`, and UPSNet's
+`backbone.context.fc.*`."""
 
 
-@dataclass
-class RPNOutputs:
-    """Everything the RPN computed for a batch.
+def rename_state_dict_keys(state: Mapping[str, Tensor], renames: Sequence[tuple[str, str]]) -> dict[str, Tensor]:
+    """`state` with each key's first matching old prefix replaced by its new prefix.
 
-    Attributes:
-        proposals: per image FloatTensor[P, 4] xyxy proposals after NMS (P <= post_nms_top_n).
-        proposal_scores: per image FloatTensor[P] objectness probabilities of `proposals`.
-        objectness: per level FloatTensor[B, A, Hl, Wl] objectness logits.
-        box_deltas: per level FloatTensor[B, 4A, Hl, Wl] anchor regression deltas.
-        features: per level FloatTensor[B, C, Hl, Wl], the RPN's shared 3x3 conv + ReLU output
-            (AUNet's proposal attention reads these).
-        anchors: per image FloatTensor[sum_l A*Hl*Wl, 4].
-        losses: {"loss_rpn_objectness", "loss_rpn_box_reg"} in training, else empty.
+    Args:
+        state: a model state dict.
+        renames: (old prefix, new prefix) pairs, e.g. `V1_STATE_DICT_RENAMES[model_name]`.
+
+    Returns:
+        A new dict in the same key order.
     """
-
-    proposals: list[Tensor]
-    proposal_scores: list[Tensor]
-    objectness: list[Tensor]
-    box_deltas: list[Tensor]
-    features: list[Tensor]
-    anchors: list[Tensor]
-    losses: dict[str, Tensor] = field(default_factory=dict)
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        for old, new in renames:
+            if key.startswith(old):
+                key = new + key.removeprefix(old)
+                break
+        out[key] = value
+    return out
 
 
 @dataclass
@@ -76,12 +78,12 @@ class InstanceOutputs:
     """Everything the instance branch computed for a batch.
 
     Attributes:
+        proposals: per image FloatTensor[P, 4] the RPN's proposals (training and eval).
         detections: eval: per image {"boxes": FloatTensor[N, 4], "scores": FloatTensor[N],
             "labels": LongTensor[N] thing index, "mask_probs": FloatTensor[N, M, M],
-            "mask_logits": FloatTensor[N, M, M]} (mask of the predicted class); training: per
-            image {"boxes": proposals FloatTensor[P, 4], "scores": objectness FloatTensor[P]}.
+            "mask_logits": FloatTensor[N, M, M]} (mask of the predicted class); training: empty.
         losses: training: loss_rpn_objectness, loss_rpn_box_reg, loss_classifier, loss_box_reg,
-            loss_mask (unweighted); eval: empty.
+            loss_mask (FloatTensor[] each, unweighted); eval: empty.
         rpn: the RPN's outputs.
         box_rois: per image FloatTensor[R, 4] boxes the box head ran on (training: sampled
             proposals + GT; eval: all proposals).
@@ -95,6 +97,7 @@ class InstanceOutputs:
         mask_features: FloatTensor[sum K, Cm, M/2, M/2] mask head output before the predictor.
     """
 
+    proposals: list[Tensor]
     detections: list[dict[str, Tensor]]
     losses: dict[str, Tensor]
     rpn: RPNOutputs
@@ -159,115 +162,45 @@ def torchvision_targets(
 
 
 class InstanceBranch(nn.Module):
-    """Mask R-CNN's RPN + box head + mask head over pyramid features.
+    """Mask R-CNN's RPN + box head + mask head over pyramid features; `run` is the entry point.
 
     Args:
-        rpn: torchvision RPN whose head has `conv`, `cls_logits` and `bbox_pred` (`RPNHead`).
-        roi_heads: torchvision RoIHeads with box and mask parts; its box predictor has T + 1
-            classes (background first) and its mask predictor T channels (one per thing index).
-        in_features: pyramid levels fed to the RPN, in order of its anchor sizes (the RoI pools
-            choose their own levels by name).
+        rpn: the region proposal network.
+        box_head: the box head (T + 1 classes, background first).
+        mask_head: the mask head (T channels, one per thing index).
+
+    Attributes:
+        num_things: T.
+
+    Raises:
+        ValueError: when the box and mask heads disagree on T.
     """
 
-    def __init__(self, *, rpn: RegionProposalNetwork, roi_heads: RoIHeads, in_features: list[str]) -> None:
+    def __init__(self, *, rpn: RPN, box_head: BoxHead, mask_head: MaskHead) -> None:
         super().__init__()
-        head = rpn.head
-        if not all(hasattr(head, a) for a in ("conv", "cls_logits", "bbox_pred")):
-            raise TypeError("rpn.head must be a torchvision RPNHead (with conv, cls_logits and bbox_pred)")
-        if not roi_heads.has_mask():
-            raise ValueError("roi_heads needs mask_roi_pool, mask_head and mask_predictor")
-        num_sizes = len(rpn.anchor_generator.sizes)
-        if num_sizes != len(in_features):
-            raise ValueError(f"{len(in_features)} RPN input levels {in_features} but {num_sizes} anchor sizes")
-        self.rpn = rpn
-        self.roi_heads = roi_heads
-        self.in_features = list(in_features)
-        cls_score = getattr(roi_heads.box_predictor, "cls_score", None)
-        self.num_things = int(cls_score.out_features) - 1 if isinstance(cls_score, nn.Linear) else -1
-        mask_out = getattr(roi_heads.mask_predictor, "mask_fcn_logits", None)
-        if isinstance(mask_out, nn.Conv2d) and self.num_things >= 0 and mask_out.out_channels != self.num_things:
+        if box_head.num_things != mask_head.num_things:
             raise ValueError(
-                f"mask predictor has {mask_out.out_channels} channels; expected one per thing index "
-                f"({self.num_things}, the box predictor's classes minus background)"
+                f"mask head has {mask_head.num_things} channels; expected one per thing index of the box head "
+                f"({box_head.num_things}, its classes minus background)"
             )
+        self.rpn = rpn
+        self.box_head = box_head
+        self.mask_head = mask_head
+        self.num_things = box_head.num_things
 
-    # --- RPN -----------------------------------------------------------------------------------
-    def forward_rpn(
-        self,
-        features: dict[str, Tensor],
-        image_sizes: Sequence[tuple[int, int]],
-        padded_size: tuple[int, int],
-        tv_targets: list[dict[str, Tensor]] | None = None,
-    ) -> RPNOutputs:
-        """Run the RPN (torchvision's RegionProposalNetwork logic, features kept).
-
-        Args:
-            features: pyramid features FloatTensor[B, C, Hl, Wl] holding `in_features`.
-            image_sizes: per image (h, w) before padding (proposals are clipped to it).
-            padded_size: (Hp, Wp) of the padded batch (anchor strides derive from it).
-            tv_targets: torchvision targets (see `torchvision_targets`) in training.
-        """
-        rpn = self.rpn
-        levels = [features[name] for name in self.in_features]
-        batch = levels[0].shape[0]
-        rpn_features = [rpn.head.conv(x) for x in levels]
-        objectness = [rpn.head.cls_logits(t) for t in rpn_features]
-        box_deltas = [rpn.head.bbox_pred(t) for t in rpn_features]
-        # The anchor generator reads only the padded size, dtype and device of `tensors`: an empty
-        # channel dimension avoids keeping a copy of the images around.
-        placeholder = levels[0].new_empty((batch, 0, int(padded_size[0]), int(padded_size[1])))
-        image_list = ImageList(placeholder, [(int(h), int(w)) for h, w in image_sizes])
-        anchors = rpn.anchor_generator(image_list, levels)
-        num_anchors_per_level = [int(o[0].numel()) for o in objectness]
-        flat_objectness, flat_deltas = concat_box_prediction_layers(objectness, box_deltas)
-        # Faster R-CNN does not backpropagate through the proposal coordinates.
-        proposals = rpn.box_coder.decode(flat_deltas.detach(), anchors).view(batch, -1, 4)
-        boxes, scores = rpn.filter_proposals(proposals, flat_objectness, image_list.image_sizes, num_anchors_per_level)
-        losses: dict[str, Tensor] = {}
-        if self.training:
-            if tv_targets is None:
-                raise ValueError("the RPN needs targets in training mode")
-            labels, matched_gt_boxes = rpn.assign_targets_to_anchors(anchors, tv_targets)
-            regression_targets = rpn.box_coder.encode(matched_gt_boxes, anchors)
-            loss_objectness, loss_box_reg = rpn.compute_loss(flat_objectness, flat_deltas, labels, regression_targets)
-            losses = {"loss_rpn_objectness": loss_objectness, "loss_rpn_box_reg": loss_box_reg}
-        return RPNOutputs(
-            proposals=boxes,
-            proposal_scores=scores,
-            objectness=objectness,
-            box_deltas=box_deltas,
-            features=rpn_features,
-            anchors=anchors,
-            losses=losses,
-        )
-
-    # --- masks ---------------------------------------------------------------------------------
     def forward_masks(
-        self, features: dict[str, Tensor], boxes: Sequence[Tensor], padded_size: tuple[int, int]
+        self, features: Mapping[str, Tensor], boxes: Sequence[Tensor], padded_size: tuple[int, int]
     ) -> tuple[Tensor, Tensor]:
-        """Mask logits of every thing class for arbitrary boxes (UPSNet runs it on GT boxes too).
-
-        Args:
-            features: pyramid features holding the mask pool's levels.
-            boxes: per image FloatTensor[K_i, 4] xyxy boxes in input pixels.
-            padded_size: (Hp, Wp) of the padded batch.
+        """Mask logits of every thing class for arbitrary boxes; see `MaskHead.forward`.
 
         Returns:
             (mask_logits FloatTensor[sum K_i, T, M, M], mask_features FloatTensor[sum K_i, Cm, M/2, M/2]).
         """
-        heads = self.roi_heads
-        batch = len(boxes)
-        # The pools infer each level's scale from the image size; the padded size gives it exactly
-        # (an unpadded size well below the padded one would round to the wrong power of two).
-        pooled = heads.mask_roi_pool(features, list(boxes), [tuple(padded_size)] * batch)
-        mask_features = heads.mask_head(pooled)
-        mask_logits = heads.mask_predictor(mask_features)
-        return mask_logits, mask_features
+        return self.mask_head(features, boxes, padded_size)
 
-    # --- everything ----------------------------------------------------------------------------
     def run(
         self,
-        features: dict[str, Tensor],
+        features: Mapping[str, Tensor],
         image_sizes: Sequence[tuple[int, int]],
         padded_size: tuple[int, int],
         targets: Sequence[PanopticTarget] | None = None,
@@ -275,202 +208,111 @@ class InstanceBranch(nn.Module):
         """RPN, box head and mask head, with every intermediate result kept.
 
         Args:
-            features: pyramid features FloatTensor[B, C, Hl, Wl] (p2..p6).
+            features: pyramid features FloatTensor[B, C, Hl, Wl] (the RPN's and heads' levels).
             image_sizes: per image (h, w) before padding.
             padded_size: (Hp, Wp) of the padded batch.
             targets: per image ground truth (required in training mode, ignored in eval).
+
+        Returns:
+            Losses in training, detections in eval, and the intermediates (see `InstanceOutputs`).
+
+        Raises:
+            ValueError: for a batch/size mismatch, or missing or malformed targets in training.
         """
-        heads = self.roi_heads
         image_sizes = [(int(h), int(w)) for h, w in image_sizes]
         padded_size = (int(padded_size[0]), int(padded_size[1]))
-        if len(image_sizes) != features[self.in_features[0]].shape[0]:
-            raise ValueError(f"{len(image_sizes)} image sizes for a batch of {features[self.in_features[0]].shape[0]}")
-        tv_targets = None
-        if self.training:
-            if targets is None:
-                raise ValueError("the instance branch needs targets in training mode")
-            num_things = self.num_things if self.num_things >= 0 else 1 << 30
-            tv_targets = torchvision_targets(targets, image_sizes, num_things)
-        rpn_out = self.forward_rpn(features, image_sizes, padded_size, tv_targets)
+        batch = features[self.rpn.in_features[0]].shape[0]
+        if len(image_sizes) != batch:
+            raise ValueError(f"{len(image_sizes)} image sizes for a batch of {batch}")
+        if not self.training:
+            return self._run_eval(features, image_sizes, padded_size)
+        if targets is None:
+            raise ValueError("the instance branch needs targets in training mode")
+        tv_targets = torchvision_targets(targets, image_sizes, self.num_things)
+        rpn_out = self.rpn(features, image_sizes, padded_size, tv_targets)
         losses = dict(rpn_out.losses)
-        batch = len(image_sizes)
-        pool_sizes = [padded_size] * batch
-
-        if self.training:
-            assert tv_targets is not None
-            proposals = [p.detach() for p in rpn_out.proposals]
-            box_rois, matched_idxs, tv_labels, regression_targets = heads.select_training_samples(proposals, tv_targets)
-        else:
-            box_rois, matched_idxs, tv_labels, regression_targets = rpn_out.proposals, [], [], []
-        box_features = heads.box_head(heads.box_roi_pool(features, box_rois, pool_sizes))
-        class_logits, box_regression = heads.box_predictor(box_features)
-
-        detections: list[dict[str, Tensor]] = []
-        if self.training:
-            loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, tv_labels, regression_targets)
-            losses.update(loss_classifier=loss_classifier, loss_box_reg=loss_box_reg)
-            # The mask head learns on the foreground sampled RoIs only (Mask R-CNN).
-            mask_rois, mask_labels, mask_gt_index = [], [], []
-            for rois, labels, matched in zip(box_rois, tv_labels, matched_idxs, strict=True):
-                fg = torch.nonzero(labels > 0).flatten()
-                mask_rois.append(rois[fg])
-                mask_labels.append(labels[fg] - 1)
-                mask_gt_index.append(matched[fg])
-            mask_logits, mask_features = self.forward_masks(features, mask_rois, padded_size)
-            losses["loss_mask"] = _mask_loss(mask_logits, mask_rois, mask_labels, mask_gt_index, tv_targets)
-            box_labels = [labels - 1 for labels in tv_labels]
-            for boxes, scores in zip(rpn_out.proposals, rpn_out.proposal_scores, strict=True):
-                detections.append({"boxes": boxes, "scores": scores})
-        else:
-            det_boxes, det_scores, det_labels = heads.postprocess_detections(
-                class_logits, box_regression, box_rois, image_sizes
-            )
-            mask_rois = det_boxes
-            mask_labels = [labels - 1 for labels in det_labels]
-            mask_logits, mask_features = self.forward_masks(features, mask_rois, padded_size)
-            own_logits = _select_class(mask_logits, torch.cat(mask_labels))
-            per_image = own_logits.split([int(b.shape[0]) for b in det_boxes])
-            for boxes, scores, labels, logits in zip(det_boxes, det_scores, mask_labels, per_image, strict=True):
-                detections.append(
-                    {
-                        "boxes": boxes,
-                        "scores": scores,
-                        "labels": labels,
-                        "mask_probs": logits.sigmoid(),
-                        "mask_logits": logits,
-                    }
-                )
-            box_labels = []
+        samples = self.box_head.sample_rois([p.detach() for p in rpn_out.proposals], tv_targets)
+        box_features, class_logits, box_deltas = self.box_head(features, samples.rois, padded_size)
+        losses.update(self.box_head.loss(class_logits, box_deltas, samples))
+        # The mask head learns on the foreground sampled RoIs only (Mask R-CNN).
+        fg = [torch.nonzero(labels >= 0).flatten() for labels in samples.labels]
+        mask_rois = [rois[i] for rois, i in zip(samples.rois, fg, strict=True)]
+        mask_labels = [labels[i] for labels, i in zip(samples.labels, fg, strict=True)]
+        mask_gt_index = [index[i] for index, i in zip(samples.gt_index, fg, strict=True)]
+        mask_logits, mask_features = self.mask_head(features, mask_rois, padded_size)
+        losses["loss_mask"] = self.mask_head.loss(
+            mask_logits, mask_rois, mask_labels, mask_gt_index, [t["masks"] for t in tv_targets]
+        )
         return InstanceOutputs(
-            detections=detections,
+            proposals=list(rpn_out.proposals),
+            detections=[],
             losses=losses,
             rpn=rpn_out,
-            box_rois=list(box_rois),
+            box_rois=samples.rois,
             box_features=box_features,
-            box_labels=box_labels,
-            mask_rois=list(mask_rois),
+            box_labels=samples.labels,
+            mask_rois=mask_rois,
             mask_labels=mask_labels,
             mask_logits=mask_logits,
             mask_features=mask_features,
         )
 
-    def forward(
-        self,
-        features: dict[str, Tensor],
-        image_sizes: Sequence[tuple[int, int]],
-        padded_size: tuple[int, int],
-        targets: Sequence[PanopticTarget] | None = None,
-    ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
-        """(detections, losses); see `InstanceOutputs` for both, and `run` for everything else."""
-        out = self.run(features, image_sizes, padded_size, targets)
-        return out.detections, out.losses
-
-
-def _select_class(mask_logits: Tensor, thing_index: Tensor) -> Tensor:
-    """FloatTensor[K, T, M, M] -> FloatTensor[K, M, M], the channel of each RoI's thing index."""
-    rows = torch.arange(mask_logits.shape[0], device=mask_logits.device)
-    return mask_logits[rows, thing_index]
-
-
-def _mask_loss(
-    mask_logits: Tensor,
-    mask_rois: Sequence[Tensor],
-    mask_labels: Sequence[Tensor],
-    gt_index: Sequence[Tensor],
-    tv_targets: Sequence[dict[str, Tensor]],
-) -> Tensor:
-    """Mask R-CNN's per-pixel sigmoid cross-entropy on each foreground RoI's own class channel.
-
-    Args:
-        mask_logits: FloatTensor[K, T, M, M].
-        mask_rois: per image FloatTensor[K_i, 4] foreground RoIs.
-        mask_labels: per image LongTensor[K_i] thing index of the matched GT.
-        gt_index: per image LongTensor[K_i] index of the matched GT instance.
-        tv_targets: per image targets holding "masks" BoolTensor[N, h, w].
-
-    Returns:
-        FloatTensor[] mean over K * M * M, or 0 (keeping the graph) when no RoI is foreground.
-    """
-    size = int(mask_logits.shape[-1])
-    crops = [
-        project_masks_on_boxes(t["masks"], rois, idx, size)
-        for t, rois, idx in zip(tv_targets, mask_rois, gt_index, strict=True)
-        if rois.shape[0] > 0
-    ]
-    if not crops:
-        return mask_logits.sum() * 0.0
-    mask_targets = torch.cat(crops)
-    own = _select_class(mask_logits, torch.cat(list(mask_labels)))
-    return F.binary_cross_entropy_with_logits(own, mask_targets)
+    def _run_eval(
+        self, features: Mapping[str, Tensor], image_sizes: list[tuple[int, int]], padded_size: tuple[int, int]
+    ) -> InstanceOutputs:
+        """`run` in eval mode: proposals -> detections -> masks of the detected classes."""
+        rpn_out = self.rpn(features, image_sizes, padded_size)
+        box_rois = list(rpn_out.proposals)
+        box_features, class_logits, box_deltas = self.box_head(features, box_rois, padded_size)
+        det_boxes, det_scores, det_labels = self.box_head.detections(class_logits, box_deltas, box_rois, image_sizes)
+        mask_logits, mask_features = self.mask_head(features, det_boxes, padded_size)
+        own_logits = MaskHead.select_class(mask_logits, torch.cat(det_labels))
+        per_image = own_logits.split([int(b.shape[0]) for b in det_boxes])
+        detections = [
+            {"boxes": boxes, "scores": scores, "labels": labels, "mask_probs": logits.sigmoid(), "mask_logits": logits}
+            for boxes, scores, labels, logits in zip(det_boxes, det_scores, det_labels, per_image, strict=True)
+        ]
+        return InstanceOutputs(
+            proposals=box_rois,
+            detections=detections,
+            losses={},
+            rpn=rpn_out,
+            box_rois=box_rois,
+            box_features=box_features,
+            box_labels=[],
+            mask_rois=det_boxes,
+            mask_labels=det_labels,
+            mask_logits=mask_logits,
+            mask_features=mask_features,
+        )
 
 
 def build_instance_branch(
-    cfg: ModelConfig, num_things: int, feature_shapes: dict[str, tuple[int, int]]
+    rpn: RPNConfig,
+    roi_heads: RoIHeadsConfig,
+    mask_head: MaskHeadConfig,
+    num_things: int,
+    feature_shapes: Mapping[str, tuple[int, int]],
 ) -> InstanceBranch:
-    """Mask R-CNN R50-FPN's instance branch sized by `cfg.rpn`, `cfg.roi_heads` and the backbone.
+    """Mask R-CNN R50-FPN's instance branch sized by the part configs and the backbone.
+
+    The parts are created in the order RPN head, box head (fc6, fc7), box predictor, mask convs,
+    mask predictor, as before the split, so a seeded build draws the same weights.
 
     Args:
-        cfg: the model config (rpn and roi_heads sections are read).
-        num_things: T, the number of thing classes.
-        feature_shapes: {name: (channels, stride)} of the backbone; p2..p6 must be present with
-            equal channels.
+        rpn: the RPN's config (on p2..p6).
+        roi_heads: the box head's config (on p2..p5).
+        mask_head: the mask head's config (on p2..p5).
+        num_things: T, the number of thing classes (>= 1).
+        feature_shapes: {name: (channels, stride)} of the backbone; p2..p6 with equal channels.
+
+    Raises:
+        ValueError: for T < 1, missing levels, unequal channels or anchor sizes that do not fit.
     """
     if num_things < 1:
         raise ValueError(f"the instance branch needs at least one thing class, got {num_things}")
-    missing = [f for f in RPN_IN_FEATURES if f not in feature_shapes]
-    if missing:
-        raise ValueError(f"instance branch inputs {missing} not among backbone outputs {sorted(feature_shapes)}")
-    channels = {feature_shapes[f][0] for f in RPN_IN_FEATURES}
-    if len(channels) != 1:
-        raise ValueError(f"pyramid levels {RPN_IN_FEATURES} must share one channel count, got {channels}")
-    in_channels = channels.pop()
-    rpn_cfg, roi_cfg = cfg.rpn, cfg.roi_heads
-    if len(rpn_cfg.anchor_sizes) != len(RPN_IN_FEATURES):
-        raise ValueError(
-            f"model.rpn.anchor_sizes needs one size per level {list(RPN_IN_FEATURES)}, got {rpn_cfg.anchor_sizes}"
-        )
-    anchor_generator = AnchorGenerator(
-        sizes=tuple((int(s),) for s in rpn_cfg.anchor_sizes),
-        aspect_ratios=(tuple(float(r) for r in rpn_cfg.aspect_ratios),) * len(RPN_IN_FEATURES),
+    return InstanceBranch(
+        rpn=build_rpn(rpn, feature_shapes, RPN_IN_FEATURES),
+        box_head=build_box_head(roi_heads, feature_shapes, num_things, ROI_IN_FEATURES),
+        mask_head=build_mask_head(mask_head, feature_shapes, num_things, ROI_IN_FEATURES),
     )
-    rpn = RegionProposalNetwork(
-        anchor_generator,
-        RPNHead(in_channels, anchor_generator.num_anchors_per_location()[0]),
-        fg_iou_thresh=rpn_cfg.fg_iou_thresh,
-        bg_iou_thresh=rpn_cfg.bg_iou_thresh,
-        batch_size_per_image=rpn_cfg.batch_size_per_image,
-        positive_fraction=rpn_cfg.positive_fraction,
-        pre_nms_top_n={"training": rpn_cfg.pre_nms_top_n_train, "testing": rpn_cfg.pre_nms_top_n_test},
-        post_nms_top_n={"training": rpn_cfg.post_nms_top_n_train, "testing": rpn_cfg.post_nms_top_n_test},
-        nms_thresh=rpn_cfg.nms_thresh,
-    )
-    box_resolution = roi_cfg.box_pooler_resolution
-    mask_resolution = roi_cfg.mask_pooler_resolution
-    sampling_ratio = roi_cfg.pooler_sampling_ratio
-    mask_layers = [roi_cfg.mask_head_channels] * roi_cfg.mask_head_convs
-    mask_in = mask_layers[-1] if mask_layers else in_channels
-    roi_heads = RoIHeads(
-        box_roi_pool=MultiScaleRoIAlign(list(ROI_IN_FEATURES), box_resolution, sampling_ratio),
-        box_head=TwoMLPHead(in_channels * box_resolution**2, roi_cfg.box_head_dim),
-        box_predictor=FastRCNNPredictor(roi_cfg.box_head_dim, num_things + 1),
-        fg_iou_thresh=roi_cfg.fg_iou_thresh,
-        bg_iou_thresh=roi_cfg.bg_iou_thresh,
-        batch_size_per_image=roi_cfg.batch_size_per_image,
-        positive_fraction=roi_cfg.positive_fraction,
-        bbox_reg_weights=None,
-        score_thresh=roi_cfg.score_thresh,
-        nms_thresh=roi_cfg.nms_thresh,
-        detections_per_img=roi_cfg.detections_per_img,
-        mask_roi_pool=MultiScaleRoIAlign(list(ROI_IN_FEATURES), mask_resolution, sampling_ratio),
-        mask_head=MaskRCNNHeads(in_channels, mask_layers, 1) if mask_layers else nn.Identity(),
-        mask_predictor=MaskRCNNPredictor(mask_in, roi_cfg.mask_head_channels, num_things),
-    )
-    return InstanceBranch(rpn=rpn, roi_heads=roi_heads, in_features=list(RPN_IN_FEATURES))
-
-
-def check_num_things(instance_branch: InstanceBranch, meta: DatasetMeta) -> None:
-    """Raise ValueError when the instance branch predicts another number of thing classes."""
-    if instance_branch.num_things >= 0 and instance_branch.num_things != meta.num_things:
-        raise ValueError(
-            f"instance branch has {instance_branch.num_things} thing classes, {meta!r} has {meta.num_things}"
-        )

@@ -10,13 +10,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from unipan.structures import IGNORE_LABEL
+from unipan.modeling.layers import require_features
 
-__all__ = ["SemanticFPNHead", "semantic_targets_stuff_things", "semantic_loss", "upsample_logits"]
+__all__ = ["SemanticFPNHead"]
 
 NORMS = ("GN", "none")
 
@@ -48,9 +46,7 @@ class SemanticFPNHead(nn.Module):
             raise ValueError(f"unknown semantic head norm {norm!r}; known: {list(NORMS)}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
-        missing = [f for f in in_features if f not in in_shapes]
-        if missing:
-            raise ValueError(f"semantic head inputs {missing} not among backbone outputs {sorted(in_shapes)}")
+        require_features(in_shapes, in_features, "semantic head")
         if norm == "GN" and conv_dims % 32:
             raise ValueError(f"GroupNorm(32) needs conv_dims divisible by 32, got {conv_dims}")
         self.in_features = list(in_features)
@@ -64,7 +60,7 @@ class SemanticFPNHead(nn.Module):
                 raise ValueError(
                     f"feature {name!r} has stride {stride}; the semantic head needs strides {common_stride} * 2**k"
                 )
-            octaves = int(round(math.log2(stride / common_stride)))
+            octaves = round(math.log2(stride / common_stride))
             blocks: list[nn.Module] = []
             for k in range(max(1, octaves)):
                 conv = nn.Conv2d(
@@ -83,7 +79,7 @@ class SemanticFPNHead(nn.Module):
             self.scale_heads[name] = nn.Sequential(*blocks)
         self.predictor = nn.Conv2d(conv_dims, num_classes, kernel_size=1)
         nn.init.normal_(self.predictor.weight, std=0.001)
-        nn.init.zeros_(self.predictor.bias)
+        nn.init.zeros_(self.predictor.bias)  # type: ignore[arg-type]  # a Conv2d made with bias
 
     def layers(self, features: dict[str, Tensor]) -> Tensor:
         """The fused feature before the predictor.
@@ -115,61 +111,3 @@ class SemanticFPNHead(nn.Module):
 
 def _is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
-
-
-def semantic_targets_stuff_things(sem_seg: Tensor, num_stuff: int) -> Tensor:
-    """Map class indices to Panoptic FPN's semantic space: stuff 0..S-1, every thing class -> S.
-
-    Args:
-        sem_seg: LongTensor[...] class indices (stuff first, then things), IGNORE_LABEL for ignore.
-        num_stuff: S, the number of stuff classes.
-
-    Returns:
-        LongTensor[...] of the same shape: values in 0..S, or IGNORE_LABEL.
-
-    Raises:
-        ValueError: when `sem_seg` holds negative values or `num_stuff` is negative.
-    """
-    if num_stuff < 0:
-        raise ValueError(f"num_stuff must be >= 0, got {num_stuff}")
-    if sem_seg.is_floating_point():
-        raise ValueError(f"sem_seg must hold integer class indices, got {sem_seg.dtype}")
-    sem_seg = sem_seg.long()
-    if sem_seg.numel() and int(sem_seg.min()) < 0:
-        raise ValueError(f"sem_seg holds negative class index {int(sem_seg.min())}")
-    is_thing = (sem_seg >= num_stuff) & (sem_seg != IGNORE_LABEL)
-    return torch.where(is_thing, torch.full_like(sem_seg, num_stuff), sem_seg)
-
-
-def upsample_logits(logits: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear (align_corners=False) resize of FloatTensor[B, C, h, w] logits to `size`."""
-    if tuple(logits.shape[-2:]) == tuple(size):
-        return logits
-    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-
-
-def semantic_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """Per-pixel cross-entropy averaged over the non-ignored pixels.
-
-    Unlike `F.cross_entropy(..., ignore_index=255)`, a batch without a single labelled pixel gives
-    0 (with a gradient path) instead of NaN.
-
-    Args:
-        logits: FloatTensor[B, C, H, W], already at the targets' size.
-        targets: LongTensor[B, H, W] in 0..C-1 or IGNORE_LABEL.
-
-    Returns:
-        FloatTensor[] the mean loss.
-    """
-    if logits.shape[-2:] != targets.shape[-2:] or logits.shape[0] != targets.shape[0]:
-        raise ValueError(
-            f"semantic logits {tuple(logits.shape)} and targets {tuple(targets.shape)} differ in batch or size"
-        )
-    valid = targets != IGNORE_LABEL
-    num_classes = logits.shape[1]
-    # one check (a single device sync) instead of a CUDA device-side assert without context
-    out_of_range = valid & ((targets < 0) | (targets >= num_classes))
-    if bool(out_of_range.any()):
-        raise ValueError(f"semantic target {int(targets[out_of_range][0])} out of range for {num_classes} classes")
-    total = F.cross_entropy(logits, targets, ignore_index=IGNORE_LABEL, reduction="sum")
-    return total / valid.sum().clamp(min=1)

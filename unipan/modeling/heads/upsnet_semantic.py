@@ -1,5 +1,4 @@
-"""UPSNet's semantic head (Xiong et al., CVPR 2019, Sec. 3.1 and Fig. 2), its RoI loss and the
-COCO global-context module.
+"""UPSNet's semantic head (Xiong et al., CVPR 2019, Sec. 3.1 and Fig. 2) and its RoI loss.
 
 - One sub-network shared by P2-P5: `num_convs` deformable 3x3 convs with ReLU, no norm
   (DCNv1: offsets from a plain 3x3 conv with 2 * 3 * 3 = 18 channels, initialised to zero so
@@ -9,8 +8,9 @@ COCO global-context module.
   channels, the "semantic feature"); a 1x1 conv scores all S + T classes, stuff first.
 - RoI loss: RoIAlign (28 x 28) of the semantic feature at the GT boxes, through the same 1x1
   scorer, cross-entropy against the GT semantic crop resized (nearest) to 28 x 28.
-- Global context (COCO): global-average-pooled res5 -> Linear(2048 -> 256), added to P5's
-  lateral before the FPN's top-down path.
+
+The COCO global context (GAP(res5) -> Linear, added to P5's lateral) is part of the backbone:
+`unipan.modeling.backbone.fpn.GlobalContext`.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import DeformConv2d, roi_align
 
-from unipan.modeling.heads.semantic_fpn import semantic_loss
+from unipan.modeling.layers import require_features
 from unipan.modeling.layers.deform_conv import deform_conv2d_any
+from unipan.modeling.layers.losses import semantic_loss
 from unipan.structures import IGNORE_LABEL
 
 __all__ = [
     "DeformableConvBlock",
-    "GlobalContext",
     "UPSNetSemanticHead",
     "roi_semantic_targets",
     "semantic_roi_loss",
@@ -52,7 +52,7 @@ class DeformableConvBlock(nn.Module):
             # 2 offsets (dy, dx) for each of the 3 x 3 kernel taps
             self.offset = nn.Conv2d(in_channels, 18, kernel_size=3, padding=1)
             nn.init.zeros_(self.offset.weight)
-            nn.init.zeros_(self.offset.bias)
+            nn.init.zeros_(self.offset.bias)  # type: ignore[arg-type]  # a Conv2d made with bias
             self.conv: nn.Module = DeformConv2d(in_channels, out_channels, kernel_size=3, padding=1)
         else:
             self.offset = None
@@ -107,10 +107,7 @@ class UPSNetSemanticHead(nn.Module):
             raise ValueError(f"num_classes must be positive, got {num_classes}")
         if num_convs < 1:
             raise ValueError(f"the semantic sub-network needs at least one conv, got num_convs={num_convs}")
-        missing = [f for f in in_features if f not in in_shapes]
-        if missing:
-            raise ValueError(f"semantic head inputs {missing} not among backbone outputs {sorted(in_shapes)}")
-        channels = {in_shapes[f][0] for f in in_features}
+        channels = {c for c, _ in require_features(in_shapes, in_features, "semantic head")}
         if len(channels) != 1:
             raise ValueError(
                 f"levels {list(in_features)} share one sub-network and need equal channels, got {channels}"
@@ -129,7 +126,7 @@ class UPSNetSemanticHead(nn.Module):
         self.feature_channels = out_channels * len(self.in_features)
         self.scorer = nn.Conv2d(self.feature_channels, num_classes, kernel_size=1)
         nn.init.normal_(self.scorer.weight, std=0.01)
-        nn.init.zeros_(self.scorer.bias)
+        nn.init.zeros_(self.scorer.bias)  # type: ignore[arg-type]  # a Conv2d made with bias
 
     def semantic_feature(self, features: dict[str, Tensor]) -> Tensor:
         """The concatenated stride-4 feature before the scorer.
@@ -238,22 +235,3 @@ def semantic_roi_loss(
         return feature.sum() * 0.0
     logits = head.roi_logits(feature, boxes, output_size)
     return semantic_loss(logits, targets)
-
-
-class GlobalContext(nn.Module):
-    """COCO global context: GAP(res5) -> Linear, a per-image vector added to P5's lateral.
-
-    Args:
-        in_channels: res5 channels (2048 for ResNet-50).
-        out_channels: FPN channels (256).
-    """
-
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__()
-        self.fc = nn.Linear(in_channels, out_channels)
-        nn.init.normal_(self.fc.weight, std=0.01)
-        nn.init.zeros_(self.fc.bias)
-
-    def forward(self, res5: Tensor) -> Tensor:
-        """FloatTensor[B, in, H, W] -> FloatTensor[B, out, 1, 1] (broadcasts over P5's lateral)."""
-        return self.fc(res5.mean(dim=(2, 3)))[:, :, None, None]

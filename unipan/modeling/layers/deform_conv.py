@@ -1,11 +1,11 @@
 """Deformable convolution (DCNv1) by bilinear sampling and one matrix product.
 
-torchvision's `deform_conv2d` is fast on CUDA, but its CPU backward is a slow loop: it took 56% of
+torchvision's `deform_conv2d` is fast on CUDA, but its CPU backward is a slow loop that dominated
 a tiny UPSNet training step. Here the k*k taps are sampled with `grid_sample` (bilinear, zero
 outside the image) into columns [B, C, k*k, H*W] and contracted with the weight, and autograd
 differentiates both. Same semantics as torchvision (offsets as (dy, dx) per tap, row-major taps,
-zero padding), stride 1; measured 7.6x faster forward+backward at 8x64x32x32 and 3.6x at
-1x256x100x152 on 2 CPU threads. The columns cost k*k times the input's memory.
+zero padding), stride 1; several times faster forward+backward on the CPU (the README gives the
+measurement). The columns cost k*k times the input's memory.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def deform_conv2d_sampled(
 def deform_conv2d_any(
     x: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None = None, padding: int = 1, dilation: int = 1
 ) -> Tensor:
-    """torchvision's kernel on CUDA (fast there), the sampled form elsewhere (fast on CPU)."""
+    """Torchvision's kernel on CUDA (fast there), the sampled form elsewhere (fast on CPU)."""
     if x.is_cuda:
         return deform_conv2d(x, offset, weight, bias, padding=padding, dilation=dilation)
     return deform_conv2d_sampled(x, offset, weight, bias, padding=padding, dilation=dilation)

@@ -1,4 +1,4 @@
-"""ResNet / ResNeXt trunks (torchvision blocks) with an FPN producing P2-P6, as in Mask R-CNN.
+"""ResNet / ResNeXt trunks built from torchvision's blocks, their weights and their freezing.
 
 The trunk keeps torchvision's module names (`conv1`, `bn1`, `layer1`..`layer4`), so a torchvision
 ImageNet state dict loads into it unchanged. Its width (`base_width`) and depth (`depths`) can be
@@ -8,7 +8,6 @@ shrunk for tiny CPU models; 64 and the named network's depths give the published
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,18 +15,19 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
-from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops import FrozenBatchNorm2d
 
 from unipan.config import BackboneConfig
 
 __all__ = [
+    "NORMS",
     "RESNET_SPECS",
+    "TRUNK_STAGES",
     "ResNetSpec",
     "ResNetTrunk",
-    "ResNetFPN",
-    "build_backbone",
+    "build_trunk",
     "convert_frozen_batchnorm",
+    "freeze_stages",
     "load_trunk_weights",
 ]
 
@@ -54,6 +54,7 @@ RESNET_SPECS: dict[str, ResNetSpec] = {
 }
 
 NORMS = ("frozen_bn", "bn")
+"""Trunk normalisations: frozen BatchNorm (detection default) or trainable BatchNorm."""
 
 
 class ResNetTrunk(nn.Module):
@@ -182,71 +183,6 @@ def convert_frozen_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
-class ResNetFPN(nn.Module):
-    """ResNet trunk + FPN: trunk features res2..res5 and pyramid levels p2..p6.
-
-    P2-P5 come from torchvision's `FeaturePyramidNetwork` (lateral 1x1 + top-down + 3x3 output
-    convs); P6 is a stride-2 subsampling of P5 (`LastLevelMaxPool`), used by the RPN only, as in
-    Mask R-CNN.
-
-    Args:
-        trunk: the ResNet trunk.
-        fpn_channels: output channels of every pyramid level.
-
-    Attributes:
-        size_divisibility: input sides must be multiples of this (32: P5 has stride 32, P6 is
-            subsampled from it, and the top-down path needs exact 2x sizes).
-    """
-
-    size_divisibility: int = 32
-
-    def __init__(self, *, trunk: ResNetTrunk, fpn_channels: int = 256) -> None:
-        super().__init__()
-        if fpn_channels < 1:
-            raise ValueError(f"fpn_channels must be positive, got {fpn_channels}")
-        self.trunk = trunk
-        self.fpn = FeaturePyramidNetwork(
-            in_channels_list=list(trunk.stage_channels),
-            out_channels=fpn_channels,
-            extra_blocks=LastLevelMaxPool(),
-        )
-        self.fpn_channels = fpn_channels
-        self._shapes: dict[str, tuple[int, int]] = {}
-        for k, (name, ch) in enumerate(zip(TRUNK_STAGES, trunk.stage_channels, strict=True), start=2):
-            self._shapes[name] = (ch, 2**k)
-        for k in range(2, 7):
-            self._shapes[f"p{k}"] = (fpn_channels, 2**k)
-
-    def output_shape(self) -> dict[str, tuple[int, int]]:
-        """{feature name: (channels, stride)} for res2..res5 and p2..p6."""
-        return dict(self._shapes)
-
-    def forward(self, images: Tensor) -> dict[str, Tensor]:
-        """Compute trunk and pyramid features.
-
-        Args:
-            images: FloatTensor[B, 3, H, W] normalised, H and W multiples of `size_divisibility`.
-
-        Returns:
-            {"res2".."res5": trunk features, "p2".."p6": FloatTensor[B, fpn_channels, H/s, W/s]}.
-        """
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected images of shape [B, 3, H, W], got {tuple(images.shape)}")
-        h, w = images.shape[-2:]
-        if h % self.size_divisibility or w % self.size_divisibility:
-            raise ValueError(
-                f"image batch size {h}x{w} is not a multiple of {self.size_divisibility}; pad the batch "
-                f"(Batch.images must be padded to the backbone's size_divisibility)"
-            )
-        trunk_out = self.trunk(images)
-        pyramid = self.fpn(OrderedDict(trunk_out))
-        out = dict(trunk_out)
-        # torchvision names the levels after its inputs (res2..res5) plus "pool"; rename to p2..p6
-        for k, feat in enumerate(pyramid.values(), start=2):
-            out[f"p{k}"] = feat
-        return out
-
-
 def load_trunk_weights(trunk: ResNetTrunk, path: str | os.PathLike[str]) -> None:
     """Load a torchvision ImageNet ResNet state dict (a local file) into `trunk`.
 
@@ -261,7 +197,7 @@ def load_trunk_weights(trunk: ResNetTrunk, path: str | os.PathLike[str]) -> None
         raise FileNotFoundError(f"backbone weights file {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling error means an unusable file
+    except Exception as e:  # any unpickling error means an unusable file
         raise ValueError(f"backbone weights {path}: cannot load ({type(e).__name__}: {e})") from e
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -293,7 +229,19 @@ def load_trunk_weights(trunk: ResNetTrunk, path: str | os.PathLike[str]) -> None
     trunk.load_state_dict(state, strict=False)
 
 
-def _freeze(trunk: ResNetTrunk, freeze_at: int) -> None:
+def freeze_stages(trunk: ResNetTrunk, freeze_at: int) -> None:
+    """Freeze the first `freeze_at` stages of `trunk` in place (stem, res2, ..., res5).
+
+    Frozen stages stop receiving gradients, and their trainable BatchNorms become
+    `FrozenBatchNorm2d` with the same statistics.
+
+    Args:
+        trunk: the trunk to freeze.
+        freeze_at: 0 none, 1 stem, 2 stem + res2 (Mask R-CNN default), ..., 5 all stages.
+
+    Raises:
+        ValueError: when `freeze_at` is outside 0..5.
+    """
     if not 0 <= freeze_at <= 5:
         raise ValueError(f"freeze_at must be in 0..5 (0 none, 1 stem, ..., 5 all stages), got {freeze_at}")
     for stage in trunk.stages()[:freeze_at]:
@@ -307,14 +255,16 @@ def _freeze(trunk: ResNetTrunk, freeze_at: int) -> None:
         convert_frozen_batchnorm(getattr(trunk, name))
 
 
-def build_backbone(cfg: BackboneConfig) -> ResNetFPN:
-    """Build the ResNet(-X) + FPN backbone described by `cfg`.
+def build_trunk(cfg: BackboneConfig) -> ResNetTrunk:
+    """Build the ResNet(-X) trunk described by `cfg`, load its weights and freeze its stages.
 
     Weights (when `cfg.weights` is set) are loaded before freezing, so frozen BatchNorms carry the
     file's statistics.
 
     Raises:
-        ValueError: for an unknown network name or norm, bad depths/widths, or unusable weights.
+        ValueError: for an unknown network name or norm, bad depths/widths/freeze_at, or unusable
+            weights.
+        FileNotFoundError: when `cfg.weights` names a missing file.
     """
     if cfg.name not in RESNET_SPECS:
         raise ValueError(f"unknown backbone {cfg.name!r}; known: {sorted(RESNET_SPECS)}")
@@ -333,5 +283,5 @@ def build_backbone(cfg: BackboneConfig) -> ResNetFPN:
     )
     if cfg.weights:
         load_trunk_weights(trunk, cfg.weights)
-    _freeze(trunk, cfg.freeze_at)
-    return ResNetFPN(trunk=trunk, fpn_channels=cfg.fpn_channels)
+    freeze_stages(trunk, cfg.freeze_at)
+    return trunk
