@@ -1,6 +1,6 @@
 """Inference time of unipan's models against torchvision's Mask R-CNN, in one run.
 
-Setting (issue 3): one 800 x 1216 image, COCO-sized heads (80 things, 53 stuff), random weights,
+Setting: one 800 x 1216 image, COCO-sized heads (80 things, 53 stuff), random weights,
 the same number of detections on both sides (score threshold 0, 100 detections kept), 2 CPU
 threads, median of `--runs` timed runs after one warm-up run. unipan's time is the whole
 `model(batch)` call: backbone, both branches and the panoptic fusion, at the input size.
@@ -28,6 +28,7 @@ from torch import nn
 
 from unipan.app import config_dir
 from unipan.config import load_config
+from unipan.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from unipan.modeling.registry import MODELS, build_model
 from unipan.structures import Batch, DatasetMeta
 
@@ -58,22 +59,31 @@ def time_runs(fn: Callable[[], object], runs: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
+# Per model: the overrides that let random weights keep DETECTIONS detections, whatever keys the
+# model's own detection filter uses. A registered model without an entry runs with its config as is.
+BENCH_OVERRIDES: dict[str, list[str]] = {
+    "panoptic_fpn": ["model.roi_heads.score_thresh=0.0", f"model.roi_heads.detections_per_img={DETECTIONS}"],
+    "upsnet": [
+        "model.roi_heads.score_thresh=0.0",
+        f"model.roi_heads.detections_per_img={DETECTIONS}",
+        # UPSNet's own inference filter (NMS 0.5, score > 0.6) would keep few random detections
+        "model.fusion.score_thresh=0.0",
+        "model.fusion.nms_thresh=1.0",
+        f"model.fusion.max_detections={DETECTIONS}",
+    ],
+}
+
+
 def unipan_model(name: str, meta: DatasetMeta) -> nn.Module:
-    overrides = ["model.roi_heads.score_thresh=0.0", f"model.roi_heads.detections_per_img={DETECTIONS}"]
-    if name == "upsnet":
-        # UPSNet's own inference filter (NMS 0.5, score > 0.6) would keep few random detections.
-        overrides += ["model.upsnet.score_thresh=0.0", "model.upsnet.nms_thresh=1.0"]
-        overrides += [f"model.upsnet.max_detections={DETECTIONS}"]
-    return build_model(load_config(config_dir() / name / "r50_coco.yaml", overrides), meta).eval()
+    cfg = load_config(config_dir() / name / "r50_coco.yaml", BENCH_OVERRIDES.get(name, []))
+    return build_model(cfg, meta).eval()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5, help="timed runs per model (median is reported)")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    ap.add_argument(
-        "--models", nargs="+", default=[m for m in ("panoptic_fpn", "upsnet") if m in MODELS], help="unipan models"
-    )
+    ap.add_argument("--models", nargs="+", default=sorted(MODELS), help="unipan models (default: every registered one)")
     ap.add_argument("--fusion", action="store_true", help="also run benchmarks/fusion_speed.py")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -98,8 +108,8 @@ def main() -> None:
     tv_dets = len(tv_out[0]["boxes"])  # type: ignore[index]
     rows = [("torchvision maskrcnn_resnet50_fpn", tv_s, n_params(tv), tv_dets)]
 
-    mean = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
-    std = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     batch = Batch(
         images=((image01 * 255 - mean) / std)[None],
         image_sizes=[(h, w)],

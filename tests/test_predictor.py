@@ -7,6 +7,7 @@ padding removal, vanished segments dropped, area/bbox recomputed).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from unipan.config import Config, config_to_dict, load_config
+from unipan.config import BackboneConfig, Config, load_config
 from unipan.data.transforms import resize_pair, shortest_edge_size
-from unipan.predictor import Predictor, crop_result, resize_result
+from unipan.predictor import Predictor
+from unipan.segments import crop_result, resize_result
 from unipan.structures import Batch, DatasetMeta, PanopticResult, SegmentInfo
 
 META = DatasetMeta(
@@ -43,12 +45,16 @@ def pattern(h: int, w: int) -> torch.Tensor:
 
 
 class PatternModel(nn.Module):
-    """Returns `pattern` at each image's input size (or at the padded size / a wrong size)."""
+    """Returns `pattern` at each image's input size (or at the padded size / a wrong size).
 
-    def __init__(self, output: str = "input") -> None:
+    Batches are padded to its `size_divisibility`, as for every model (the predictor reads it).
+    """
+
+    def __init__(self, output: str = "input", size_divisibility: int = 32) -> None:
         super().__init__()
         self.offset = nn.Parameter(torch.zeros(()))  # a weight, so checkpoints have a state
         self.output = output
+        self.size_divisibility = size_divisibility
         self.batches: list[Batch] = []
 
     def forward(self, batch: Batch) -> list[PanopticResult]:
@@ -77,15 +83,8 @@ class PatternModel(nn.Module):
         return results
 
 
-def make_cfg(min_size: int = 0, max_size: int = 1000, divisibility: int = 32) -> Config:
-    return load_config(
-        None,
-        [
-            f"data.min_size_test={min_size}",
-            f"data.max_size_test={max_size}",
-            f"data.size_divisibility={divisibility}",
-        ],
-    )
+def make_cfg(min_size: int = 0, max_size: int = 1000) -> Config:
+    return load_config(None, [f"data.min_size_test={min_size}", f"data.max_size_test={max_size}"])
 
 
 def random_image(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -143,8 +142,8 @@ def test_downscaled_input_comes_back_at_original_size() -> None:
 
 
 def test_normalisation_and_zero_padding() -> None:
-    model = PatternModel()
-    cfg = make_cfg(divisibility=16)
+    model = PatternModel(size_divisibility=16)  # the padding multiple comes from the model
+    cfg = make_cfg()
     predictor = Predictor(model, META, cfg)
     image = np.empty((20, 27, 3), dtype=np.uint8)
     image[...] = (10, 120, 250)
@@ -154,30 +153,31 @@ def test_normalisation_and_zero_padding() -> None:
     for c in range(3):
         want = (image[0, 0, c] - cfg.data.pixel_mean[c]) / cfg.data.pixel_std[c]
         assert torch.allclose(images[0, c, :20, :27], torch.tensor(want, dtype=torch.float32), atol=1e-5)
-    assert (
-        int(torch.count_nonzero(images[0, :, 20:])) == 0
-        and int(torch.count_nonzero(images[0, :, :, 27:])) == 0
-    )
+    assert int(torch.count_nonzero(images[0, :, 20:])) == 0 and int(torch.count_nonzero(images[0, :, :, 27:])) == 0
 
 
-def test_keep_size_and_padding_removal() -> None:
-    model = PatternModel(output="padded")
+def test_keep_size_and_padding() -> None:
+    model = PatternModel()
     predictor = Predictor(model, META, make_cfg(min_size=0))
     result = predictor(random_image(33, 45))
-    assert model.batches[0].image_sizes == [(33, 45)] and tuple(model.batches[0].images.shape[-2:]) == (
-        64,
-        64,
-    )
+    assert model.batches[0].image_sizes == [(33, 45)] and tuple(model.batches[0].images.shape[-2:]) == (64, 64)
     assert torch.equal(result.panoptic, pattern(33, 45))
-    assert 6 not in {s.id for s in result.segments}  # the id living only in the padding is gone
     check_segments(result)
+
+
+def test_result_at_the_padded_size_is_rejected() -> None:
+    """Models return results at the input size (the contract): the predictor crops nothing."""
+    predictor = Predictor(PatternModel(output="padded"), META, make_cfg(min_size=0))
+    with pytest.raises(
+        ValueError, match=r"image 'pad': PatternModel returned a 64x64 result, expected its input size 33x45"
+    ):
+        predictor(random_image(33, 45), image_id="pad")
 
 
 def test_wrong_result_size_names_the_image() -> None:
     predictor = Predictor(PatternModel(output="wrong"), META, make_cfg())
-    with pytest.raises(
-        ValueError, match=r"image 'bad': model returned a 34 x 45 result, expected .* 33 x 45"
-    ):
+    expected = r"image 'bad': PatternModel returned a 34x45 result, expected its input size 33x45"
+    with pytest.raises(ValueError, match=expected):
         predictor(random_image(33, 45), image_id="bad")
 
 
@@ -246,38 +246,55 @@ def test_resize_result_matches_reference_and_data_pipeline() -> None:
     check_segments(cropped)
 
 
-def build_pattern_model(cfg: Config, meta: DatasetMeta) -> nn.Module:
-    assert meta == META
-    return PatternModel()
+@dataclass
+class PatternConfig:
+    """The model section of the fake model's config (registered for test_from_checkpoint only)."""
+
+    name: str = "pattern_test"
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    size_divisibility: int = 32
+
+
+def build_pattern_model(cfg: PatternConfig, meta: DatasetMeta) -> nn.Module:
+    assert meta == META and isinstance(cfg, PatternConfig)
+    return PatternModel(size_divisibility=cfg.size_divisibility)
 
 
 def test_from_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from unipan.config.models import MODEL_CONFIGS
+    from unipan.engine.checkpoint import save_checkpoint
     from unipan.modeling import registry
 
     monkeypatch.setitem(registry.MODELS, "pattern_test", build_pattern_model)
-    cfg = make_cfg(min_size=100)
-    cfg.model.name = "pattern_test"
+    monkeypatch.setitem(MODEL_CONFIGS, "pattern_test", PatternConfig)
+    cfg = load_config(None, ["model.name=pattern_test", "data.min_size_test=100", "data.max_size_test=1000"])
     model = PatternModel()
     with torch.no_grad():
         model.offset.fill_(3.0)
     path = tmp_path / "model.pth"
-    ckpt = {"config": config_to_dict(cfg), "meta": META.to_coco_categories(), "model": model.state_dict()}
-    torch.save(ckpt, path)
-    predictor = Predictor.from_checkpoint(path, overrides=["data.min_size_test=64"])
+    save_checkpoint(path, model=model, optimizer=None, scheduler=None, iteration=1, cfg=cfg, meta=META)
+    # a data override, and a model override the weights' layout allows: the padding multiple
+    predictor = Predictor.from_checkpoint(path, overrides=["data.min_size_test=64", "model.size_divisibility=16"])
     assert predictor.cfg.data.min_size_test == 64 and predictor.cfg.model.name == "pattern_test"
     assert predictor.meta == META
     assert isinstance(predictor.model, PatternModel) and float(predictor.model.offset.detach()) == 3.0
     assert not predictor.model.training
-    result = predictor(random_image(32, 48))
-    assert predictor.model.batches[0].image_sizes == [(64, 96)] and result.image_size == (32, 48)
+    result = predictor(random_image(32, 40))
+    (batch,) = predictor.model.batches
+    assert batch.image_sizes == [(64, 80)] and tuple(batch.images.shape[-2:]) == (64, 80)
+    assert result.image_size == (32, 40)
+    stored = Predictor.from_checkpoint(path, overrides=["data.min_size_test=64"])
+    stored(random_image(32, 40))
+    assert tuple(stored.model.batches[0].images.shape[-2:]) == (64, 96)  # the stored multiple, 32
 
+    ckpt = torch.load(path, weights_only=True)
     torch.save({k: v for k, v in ckpt.items() if k != "meta"}, tmp_path / "no_meta.pth")
-    with pytest.raises(ValueError, match=r"no_meta.pth lacks \['meta'\]"):
+    with pytest.raises(ValueError, match=r"no_meta.pth is not a unipan checkpoint \(needs keys .*'meta'"):
         Predictor.from_checkpoint(tmp_path / "no_meta.pth")
     torch.save({**ckpt, "model": {"other": torch.zeros(1)}}, tmp_path / "other.pth")
-    with pytest.raises(ValueError, match="weights do not fit model 'pattern_test'"):
+    with pytest.raises(ValueError, match=r"other.pth does not fit model PatternModel: missing keys \(1\): offset"):
         Predictor.from_checkpoint(tmp_path / "other.pth")
-    with pytest.raises(ValueError, match="bad stored config or overrides"):
+    with pytest.raises(ValueError, match="unknown config key data.no_such_key"):
         Predictor.from_checkpoint(path, overrides=["data.no_such_key=1"])
     with pytest.raises(FileNotFoundError):
         Predictor.from_checkpoint(tmp_path / "absent.pth")

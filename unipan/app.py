@@ -32,44 +32,24 @@ def _pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_model(weights: Path, cfg: Config | None = None, device: str | torch.device = "cpu") -> tuple[Any, Any, Config]:
-    """Build the model a checkpoint was trained as and load its weights.
-
-    Returns:
-        (model in eval mode on `device`, DatasetMeta, the config stored in the checkpoint merged
-        under `cfg` when given).
-    """
-    from unipan.config import config_from_dict
-    from unipan.engine.checkpoint import load_checkpoint
-    from unipan.modeling.registry import build_model
-    from unipan.structures import DatasetMeta
-
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or "config" not in state or "meta" not in state:
-        raise ValueError(f"{weights}: not a unipan checkpoint (no 'config'/'meta' entries)")
-    stored = config_from_dict(state["config"])
-    cfg = cfg or stored
-    cfg.model = stored.model if cfg is not stored and cfg.model.name != stored.model.name else cfg.model
-    meta = DatasetMeta(state["meta"])
-    model = build_model(cfg, meta)
-    load_checkpoint(weights, model=model, expect_model_name=cfg.model.name, expect_meta=meta)
-    return model.to(device).eval(), meta, cfg
-
-
 def evaluate_checkpoint(
     config_path: Path, overrides: Sequence[str], weights: Path, out: Path | None = None
 ) -> dict[str, Any]:
-    """PQ/SQ/RQ and mIoU of a checkpoint on the config's val split; predictions under `out`."""
-    from unipan.data.build import build_dataset
-    from unipan.engine.trainer import evaluate
+    """PQ/SQ/RQ and mIoU of a checkpoint on the config's val split; predictions under `out`.
 
-    cfg = load_config(config_path, list(overrides))
+    The checkpoint's stored model section is the model; the config file gives the data, and the
+    `model.*` overrides apply to the stored model section (thresholds, fusion, oracle switches).
+    """
+    from unipan.data.build import build_dataset
+    from unipan.engine.checkpoint import load_model_from_checkpoint
+    from unipan.engine.evaluator import evaluate
+
+    other = [o for o in overrides if not o.startswith("model.")]
+    cfg = load_config(config_path, other)
     device = _pick_device(cfg.engine.device)
-    model, meta, cfg = load_model(weights, cfg, device)
-    val_set = build_dataset(cfg.data, "val", is_train=False, output_dir=cfg.engine.output_dir)
-    result = evaluate(
-        model, val_set, meta, device, size_divisibility=cfg.data.size_divisibility, out_dir=out
-    )
+    loaded = load_model_from_checkpoint(weights, device, cfg=cfg, overrides=list(overrides))
+    val_set = build_dataset(loaded.cfg.data, "val", is_train=False, output_dir=loaded.cfg.engine.output_dir)
+    result = evaluate(loaded.model, val_set, loaded.meta, device, out_dir=out)
     print(result.pq.table())
     print(f"mIoU {100 * result.miou:.2f}")
     report = {**result.pq.to_dict(), "miou": result.miou}
@@ -138,7 +118,9 @@ def run_demo(out: Path, model: str = "panoptic_fpn", overrides: Sequence[str] = 
     report.md and report.json (the evaluation in the structure of `unipan pq --json`).
     """
     from unipan.data.build import build_dataset
-    from unipan.engine.trainer import evaluate, train
+    from unipan.engine.checkpoint import load_model_from_checkpoint
+    from unipan.engine.evaluator import evaluate
+    from unipan.engine.trainer import train
 
     out = Path(out)
     cfg_path = config_dir() / model / "tiny_synth.yaml"
@@ -152,11 +134,10 @@ def run_demo(out: Path, model: str = "panoptic_fpn", overrides: Sequence[str] = 
     trained = train(cfg)
     train_s = time.perf_counter() - t0
     device = _pick_device(cfg.engine.device)
-    net, meta, cfg = load_model(trained.checkpoint, cfg, device)
+    loaded = load_model_from_checkpoint(trained.checkpoint, device, cfg=cfg)
+    cfg, meta = loaded.cfg, loaded.meta
     val_set = build_dataset(cfg.data, "val", is_train=False)
-    result = evaluate(
-        net, val_set, meta, device, size_divisibility=cfg.data.size_divisibility, out_dir=out / "predictions"
-    )
+    result = evaluate(loaded.model, val_set, meta, device, out_dir=out / "predictions")
     pictures = _demo_pictures(out, cfg, meta)
     pq = result.pq.to_dict()
     report = {**pq, "miou": result.miou, "train_seconds": round(train_s, 1), "model": model}
@@ -198,9 +179,9 @@ Trained for {train_s / 60:.1f} minutes on {torch.get_num_threads()} CPU threads.
 | --- | --- | --- | --- | --- |
 {rows}
 {miou}
-- loss curve: {(Path(run_dir) / 'loss_curve.png').relative_to(out)}
-- checkpoint: {(Path(run_dir) / 'model_final.pth').relative_to(out)}
-- metrics: {(Path(run_dir) / 'metrics.jsonl').relative_to(out)}
+- loss curve: {(Path(run_dir) / "loss_curve.png").relative_to(out)}
+- checkpoint: {(Path(run_dir) / "model_final.pth").relative_to(out)}
+- metrics: {(Path(run_dir) / "metrics.jsonl").relative_to(out)}
 - predictions (COCO-panoptic PNG + JSON): predictions/
 - evaluation in `unipan pq --json` form: report.json
 

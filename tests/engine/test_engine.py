@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -38,11 +39,14 @@ from unipan.engine.checkpoint import (
 from unipan.engine.sampler import IterationBatchSampler, SeededDataset, epoch_permutation
 from unipan.engine.schedule import WarmupPolyLR, WarmupStepLR, build_optimizer, build_scheduler
 from unipan.engine.trainer import train
+from unipan.modeling.meta_arch import PanopticModel
 from unipan.structures import (
     IGNORE_LABEL,
     Batch,
     DatasetMeta,
     PanopticResult,
+    PanopticTarget,
+    RawPrediction,
     Sample,
     SegmentInfo,
 )
@@ -104,83 +108,107 @@ class ToyPanoptic(Dataset[Sample]):
         return (image - 128.0) / 64.0, panoptic
 
 
-class TinyModel(nn.Module):
+def connected_components_fusion(raw: RawPrediction, meta: DatasetMeta, *, image_id: str = "") -> PanopticResult:
+    """Panoptic map of per-pixel "all"-space logits: one segment per stuff class present, one per
+    connected component of each thing class (TinyModel's fusion)."""
+    cls = raw.sem_logits.argmax(0).cpu().numpy()
+    pan = np.zeros(cls.shape, dtype=np.int32)
+    segments: list[SegmentInfo] = []
+    next_id = 1
+    for class_index, category_id in enumerate(meta.class_index_to_dataset_id):
+        region = cls == class_index
+        if not region.any():
+            continue
+        if meta.isthing(category_id):
+            labels, count = ndimage.label(region)
+            parts = [labels == k for k in range(1, count + 1)]
+        else:
+            parts = [region]
+        for part in parts:
+            pan[part] = next_id
+            segments.append(SegmentInfo(id=next_id, category_id=category_id, isthing=meta.isthing(category_id)))
+            next_id += 1
+    return PanopticResult(torch.from_numpy(pan), segments, image_id)
+
+
+def _no_instances(sem_logits: Tensor) -> RawPrediction:
+    """A RawPrediction of semantic logits alone (the test doubles detect no instance)."""
+    device = sem_logits.device
+    return RawPrediction(
+        boxes=torch.zeros((0, 4), device=device),
+        scores=torch.zeros(0, device=device),
+        labels=torch.zeros(0, dtype=torch.long, device=device),
+        sem_logits=sem_logits,
+        sem_space="all",
+    )
+
+
+class TinyModel(PanopticModel):
     """Per-pixel classifier over the all-classes space; panoptic output by connected components.
+
+    Batches are padded to multiples of 8 (its `size_divisibility`).
 
     Args:
         dropout: >0 makes training draw from the torch RNG (to test RNG restore on resume).
         crash_at: raise RuntimeError on this training forward call (1-based), simulating a stop.
+        nan_at: make a loss NaN on this training forward call.
     """
 
     def __init__(self, meta: DatasetMeta, dropout: float = 0.0, crash_at: int = 0, nan_at: int = 0) -> None:
-        super().__init__()
-        self.meta = meta
+        super().__init__(meta=meta, size_divisibility=8, fuse=connected_components_fusion)
         self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
         self.drop = nn.Dropout2d(dropout)
         self.conv2 = nn.Conv2d(8, meta.num_classes, 1)
         self.crash_at, self.nan_at, self.calls = crash_at, nan_at, 0
 
-    def forward(self, batch: Batch) -> dict[str, Tensor] | list[PanopticResult]:
-        logits = self.conv2(self.drop(F.relu(self.conv1(batch.images))))
-        if self.training:
-            self.calls += 1
-            if self.calls == self.crash_at:
-                raise RuntimeError("simulated crash")
-            assert batch.targets is not None
-            # per-image means, then the batch mean: equal for 1 x 4 and 2 x 2 images (DDP test)
-            per_image = [
-                F.cross_entropy(logits[i : i + 1, :, :h, :w], t.sem_seg[None], ignore_index=IGNORE_LABEL)
-                for i, ((h, w), t) in enumerate(zip(batch.image_sizes, batch.targets, strict=True))
-            ]
-            loss_sem = torch.stack(per_image).mean()
-            loss_reg = 1e-3 * logits.pow(2).mean()
-            if self.calls == self.nan_at:
-                loss_reg = loss_reg * float("nan")
-            return {"loss_sem": loss_sem, "loss_reg": loss_reg}
-        return [
-            self._panoptic(logits[i, :, :h, :w], image_id)
-            for i, ((h, w), image_id) in enumerate(zip(batch.image_sizes, batch.image_ids, strict=True))
+    def logits(self, batch: Batch) -> Tensor:
+        return self.conv2(self.drop(F.relu(self.conv1(batch.images))))
+
+    def losses(self, batch: Batch) -> dict[str, Tensor]:
+        logits = self.logits(batch)
+        self.calls += 1
+        if self.calls == self.crash_at:
+            raise RuntimeError("simulated crash")
+        assert batch.targets is not None
+        # per-image means, then the batch mean: equal for 1 x 4 and 2 x 2 images (DDP test)
+        per_image = [
+            F.cross_entropy(logits[i : i + 1, :, :h, :w], t.sem_seg[None], ignore_index=IGNORE_LABEL)
+            for i, ((h, w), t) in enumerate(zip(batch.image_sizes, batch.targets, strict=True))
         ]
+        loss_sem = torch.stack(per_image).mean()
+        loss_reg = 1e-3 * logits.pow(2).mean()
+        if self.calls == self.nan_at:
+            loss_reg = loss_reg * float("nan")
+        return {"loss_sem": loss_sem, "loss_reg": loss_reg}
 
-    def _panoptic(self, logits: Tensor, image_id: str) -> PanopticResult:
-        cls = logits.argmax(0).cpu().numpy()
-        pan = np.zeros(cls.shape, dtype=np.int32)
-        segments: list[SegmentInfo] = []
-        next_id = 1
-        for class_index, category_id in enumerate(self.meta.class_index_to_dataset_id):
-            region = cls == class_index
-            if not region.any():
-                continue
-            if self.meta.isthing(category_id):
-                labels, count = ndimage.label(region)
-                parts = [labels == k for k in range(1, count + 1)]
-            else:
-                parts = [region]
-            for part in parts:
-                pan[part] = next_id
-                segments.append(
-                    SegmentInfo(id=next_id, category_id=category_id, isthing=self.meta.isthing(category_id))
-                )
-                next_id += 1
-        return PanopticResult(torch.from_numpy(pan), segments, image_id)
+    def raw_predictions(self, batch: Batch) -> list[RawPrediction]:
+        logits = self.logits(batch)
+        return [_no_instances(logits[i, :, :h, :w]) for i, (h, w) in enumerate(batch.image_sizes)]
 
 
-class OracleModel(nn.Module):
-    """Returns the ground truth as its prediction (PQ must be 100)."""
+def ground_truth_fusion(gt: dict[str, PanopticTarget]) -> Callable[..., PanopticResult]:
+    """A fusion that answers with the ground truth of the image it is asked about."""
+
+    def fuse(raw: RawPrediction, meta: DatasetMeta, *, image_id: str = "") -> PanopticResult:
+        t = gt[image_id]
+        return PanopticResult(t.panoptic.clone(), [s for s in t.segments if not s.iscrowd], image_id)
+
+    return fuse
+
+
+class OracleModel(PanopticModel):
+    """Returns the ground truth as its prediction (PQ must be 100); batches padded to 8."""
 
     def __init__(self, dataset: ToyPanoptic) -> None:
-        super().__init__()
+        gt = {s.image_id: s.target for s in (dataset[i] for i in range(len(dataset)))}
+        super().__init__(meta=dataset.meta, size_divisibility=8, fuse=ground_truth_fusion(gt))
         self.weight = nn.Parameter(torch.zeros(1))
-        self.gt = {s.image_id: s.target for s in (dataset[i] for i in range(len(dataset)))}
 
-    def forward(self, batch: Batch) -> list[PanopticResult]:
+    def raw_predictions(self, batch: Batch) -> list[RawPrediction]:
         assert batch.targets is None, "evaluation must not hand ground truth to the model"
-        out = []
-        for image_id in batch.image_ids:
-            t = self.gt[image_id]
-            segs = [s for s in t.segments if not s.iscrowd]
-            out.append(PanopticResult(t.panoptic.clone(), segs, image_id))
-        return out
+        assert batch.images.shape[-1] % 8 == 0 and batch.images.shape[-2] % 8 == 0
+        c = self.meta.num_classes
+        return [_no_instances(torch.zeros(c, h, w)) for h, w in batch.image_sizes]
 
 
 def tiny_config(out: Path, **engine: object) -> Config:
@@ -199,8 +227,6 @@ def tiny_config(out: Path, **engine: object) -> Config:
             "solver.schedule=poly",
             "solver.clip_grad_norm=5.0",
             "data.num_workers=0",
-            "data.size_divisibility=8",
-            "model.name=tiny",
         ]
         + [f"engine.{k}={v}" for k, v in engine.items()]
     )
@@ -342,11 +368,11 @@ def test_rng_state_round_trip_through_weights_only_checkpoint(tmp_path: Path) ->
     random.seed(9)
     np.random.seed(9)
     torch.manual_seed(9)
-    ckpt = load_checkpoint(tmp_path / "a.pth", model, expect_model_name="tiny", expect_meta=meta)
+    ckpt = load_checkpoint(tmp_path / "a.pth", model, expect_model_name=cfg.model.name, expect_meta=meta)
     set_rng_state(ckpt["rng"])
     got = (random.random(), np.random.normal(), torch.rand(3))
     assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
-    assert ckpt["iteration"] == 5 and ckpt["config"]["model"]["name"] == "tiny"
+    assert ckpt["iteration"] == 5 and ckpt["config"]["model"]["name"] == cfg.model.name == "panoptic_fpn"
     assert DatasetMeta(ckpt["meta"]) == meta
     state = get_rng_state()
     assert isinstance(state["torch"], Tensor)
@@ -359,12 +385,12 @@ def test_wrong_checkpoint_gives_clear_errors(tmp_path: Path) -> None:
     path = tmp_path / "m.pth"
     save_checkpoint(path, model=model, optimizer=None, scheduler=None, iteration=1, cfg=cfg, meta=meta)
 
-    with pytest.raises(CheckpointError, match=r"is for model 'tiny', not 'upsnet'"):
+    with pytest.raises(CheckpointError, match=r"is for model 'panoptic_fpn', not 'upsnet'"):
         load_checkpoint(path, TinyModel(meta), expect_model_name="upsnet")
     other = toy_meta(3, 2)
     msg = r"trained with 2 thing / 2 stuff classes, this model has 3 thing / 2 stuff"
     with pytest.raises(CheckpointError, match=msg):
-        load_checkpoint(path, TinyModel(other), expect_model_name="tiny", expect_meta=other)
+        load_checkpoint(path, TinyModel(other), expect_model_name="panoptic_fpn", expect_meta=other)
     renamed = DatasetMeta([{**c.to_dict(), "id": c.id + 50} for c in meta.categories])
     with pytest.raises(CheckpointError, match="other categories"):
         load_checkpoint(path, expect_meta=renamed)
@@ -428,7 +454,7 @@ def straight_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_training_writes_every_output(straight_run: Path) -> None:
     out = straight_run
     saved = load_config(out / "config.yaml")
-    assert saved.engine.output_dir == str(out) and saved.solver.max_iter == 8 and saved.model.name == "tiny"
+    assert saved.engine.output_dir == str(out) and saved.solver.max_iter == 8 and saved.model.name == "panoptic_fpn"
     recs = records(out)
     assert [r["iteration"] for r in recs] == [2, 3, 4, 6, 8]
     train_recs = [r for r in recs if "total_loss" in r]
@@ -456,8 +482,8 @@ def test_training_writes_every_output(straight_run: Path) -> None:
 
 def test_resume_after_a_crash_equals_the_uninterrupted_run(straight_run: Path, tmp_path: Path) -> None:
     meta = toy_meta()
+    torch.manual_seed(0)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        torch.manual_seed(0)
         run_tiny(tmp_path, model=TinyModel(meta, dropout=0.3, crash_at=5), eval_period=3)
     assert find_last_checkpoint(tmp_path) == tmp_path / "model_0000003.pth"
     result = run_tiny(tmp_path, resume=True, eval_period=3)
@@ -599,7 +625,7 @@ def test_evaluate_oracle_gives_pq_100_and_writes_predictions(tmp_path: Path) -> 
 
     meta = toy_meta()
     val = ToyPanoptic(5, meta, seed=4, train=False)
-    result = evaluate(OracleModel(val), val, meta, "cpu", batch_size=2, size_divisibility=8, out_dir=tmp_path)
+    result = evaluate(OracleModel(val), val, meta, "cpu", batch_size=2, out_dir=tmp_path)
     assert result.metrics["PQ"] == pytest.approx(100.0)
     assert result.metrics["num_images"] == 5
     assert result.metrics["mIoU"] == pytest.approx(100.0) and result.miou == pytest.approx(1.0)
@@ -649,7 +675,8 @@ def test_evaluate_rejects_predictions_of_the_wrong_size() -> None:
         def forward(self, batch: Batch) -> list[PanopticResult]:
             return [PanopticResult(r.panoptic[:-1], r.segments, r.image_id) for r in super().forward(batch)]
 
-    with pytest.raises(ValueError, match=r"image 'img000': prediction is \(31, 32\), ground truth \(32, 32\)"):
+    expected = r"image 'img000': Shrunk returned a 31x32 result, expected its input size 32x32"
+    with pytest.raises(ValueError, match=expected):
         evaluate(Shrunk(val), val, meta, "cpu")
 
 
@@ -689,7 +716,7 @@ def test_config_built_panoptic_fpn_trains_and_resumes_exactly(tmp_path: Path) ->
     ]
     config = TESTS.parents[1] / "configs" / "panoptic_fpn" / "tiny_synth.yaml"
     a, b = tmp_path / "a", tmp_path / "b"
-    result = train(load_config(config, overrides + [f"engine.output_dir={a}"]))
+    result = train(load_config(config, [*overrides, f"engine.output_dir={a}"]))
     assert result.checkpoint == a / "model_final.pth"
     assert {"PQ", "PQ_th", "PQ_st", "mIoU"} <= set(result.final_metrics)
     assert result.final_metrics["num_images"] == 1
@@ -697,6 +724,6 @@ def test_config_built_panoptic_fpn_trains_and_resumes_exactly(tmp_path: Path) ->
     b.mkdir()
     shutil.copy(a / "model_0000002.pth", b)
     (b / LAST_CHECKPOINT).write_text("model_0000002.pth\n")
-    train(load_config(config, overrides + [f"engine.output_dir={b}"]), resume=True)
+    train(load_config(config, [*overrides, f"engine.output_dir={b}"]), resume=True)
     assert_same_weights(final_weights(a), final_weights(b), atol=0)
     assert [r["total_loss"] for r in records(b)] == [r["total_loss"] for r in records(a)[2:]]

@@ -1,7 +1,13 @@
-"""Panoptic FPN: semantic head, instance branch, the model, the registry and the configs."""
+"""Panoptic FPN's own behaviour: semantic head, loss weights, fusion binding, instance branch, configs.
+
+The contract every model keeps (train step, images without instances, eval at input size, batch
+= singles, oracle PQ, checkpoint round trip, bad batches, configs loading, registry) is checked in
+tests/models/test_contract.py.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -9,29 +15,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision
-from helpers import stuff_only, synth_batch
+from helpers import synth_batch
 from PIL import Image
+from torchvision.models.detection.rpn import RegionProposalNetwork
 
-from unipan.config import Config, FusionConfig, load_config
-from unipan.data.collate import collate
-from unipan.data.synthetic import SyntheticPanoptic, SynthOptions
+from unipan.config import Config, load_config
 from unipan.data.transforms import Normalize
+from unipan.fusion.heuristic import heuristic_fusion
 from unipan.io import load_json, read_id_png
 from unipan.modeling.heads.instance import InstanceBranch, build_instance_branch
-from unipan.modeling.heads.semantic_fpn import SemanticFPNHead, semantic_loss, semantic_targets_stuff_things
+from unipan.modeling.heads.semantic_fpn import SemanticFPNHead
 from unipan.modeling.models.panoptic_fpn import PanopticFPN, build_panoptic_fpn
-from unipan.modeling.registry import MODELS, build_model
-from unipan.structures import (
-    IGNORE_LABEL,
-    Batch,
-    DatasetMeta,
-    PanopticResult,
-    PanopticTarget,
-    RawPrediction,
-    SegmentInfo,
-)
+from unipan.modeling.registry import build_model
+from unipan.structures import Batch, DatasetMeta, PanopticTarget, SegmentInfo
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_CONFIG = REPO / "configs" / "panoptic_fpn" / "tiny_synth.yaml"
@@ -43,17 +40,6 @@ def tiny_config(*overrides: str) -> Config:
 
 
 # --- semantic branch -------------------------------------------------------------------------------
-def test_semantic_targets_stuff_things() -> None:
-    sem = torch.tensor([[0, 1, 2, 3], [4, IGNORE_LABEL, 2, 0]])
-    out = semantic_targets_stuff_things(sem, num_stuff=2)
-    assert out.tolist() == [[0, 1, 2, 2], [2, IGNORE_LABEL, 2, 0]]
-    assert semantic_targets_stuff_things(sem, num_stuff=0).tolist() == [[0, 0, 0, 0], [0, IGNORE_LABEL, 0, 0]]
-    with pytest.raises(ValueError, match="negative class index -1"):
-        semantic_targets_stuff_things(torch.tensor([-1, 0]), 2)
-    with pytest.raises(ValueError, match="integer class indices"):
-        semantic_targets_stuff_things(torch.zeros(3), 2)
-
-
 def test_semantic_head_structure_and_shape() -> None:
     shapes = {f"p{k}": (32, 2**k) for k in range(2, 7)}
     head = SemanticFPNHead(in_shapes=shapes, conv_dims=64, num_classes=5)
@@ -73,47 +59,6 @@ def test_semantic_head_structure_and_shape() -> None:
         SemanticFPNHead(in_shapes=shapes, in_features=("p2", "p7"), num_classes=5)
 
 
-def test_semantic_loss_ignores_and_never_nans() -> None:
-    logits = torch.randn(2, 4, 8, 8, requires_grad=True)
-    targets = torch.randint(0, 4, (2, 8, 8))
-    targets[0, :4] = IGNORE_LABEL
-    expected = F.cross_entropy(logits, targets, ignore_index=IGNORE_LABEL)
-    torch.testing.assert_close(semantic_loss(logits, targets), expected)
-    all_ignored = semantic_loss(logits, torch.full((2, 8, 8), IGNORE_LABEL))
-    assert all_ignored.item() == 0.0
-    all_ignored.backward()
-    assert logits.grad is not None
-    with pytest.raises(ValueError, match="out of range for 4 classes"):
-        semantic_loss(logits, torch.full((2, 8, 8), 4))
-
-
-# --- the model ------------------------------------------------------------------------------------
-def test_train_step_with_an_image_without_instances() -> None:
-    torch.manual_seed(0)
-    batch, meta = synth_batch(2)
-    batch = stuff_only(batch, meta, 1)
-    model = build_model(tiny_config(), meta).train()
-    losses = model(batch)
-    assert isinstance(losses, dict) and set(losses) == LOSS_NAMES
-    assert all(v.dim() == 0 and torch.isfinite(v) for v in losses.values())
-    sum(losses.values()).backward()
-    for part in (model.backbone, model.instance_branch.rpn, model.instance_branch.roi_heads, model.semantic_head):
-        grads = [p.grad for p in part.parameters() if p.requires_grad]
-        assert grads and all(g is not None for g in grads), type(part).__name__
-        assert sum(float(g.abs().sum()) for g in grads if g is not None) > 0
-
-
-def test_all_images_without_instances_train() -> None:
-    torch.manual_seed(0)
-    batch, meta = synth_batch(2)
-    batch = stuff_only(stuff_only(batch, meta, 0), meta, 1)
-    model = build_model(tiny_config(), meta).train()
-    losses = model(batch)
-    assert set(losses) == LOSS_NAMES and all(torch.isfinite(v) for v in losses.values())
-    assert losses["loss_mask"].item() == 0.0 and losses["loss_box_reg"].item() == 0.0
-    sum(losses.values()).backward()
-
-
 def test_loss_weights() -> None:
     torch.manual_seed(0)
     batch, meta = synth_batch(1)
@@ -125,49 +70,8 @@ def test_loss_weights() -> None:
     torch.testing.assert_close(model(batch)["loss_sem_seg"], full * 0.25)
 
 
-def test_eval_results_at_input_size() -> None:
-    torch.manual_seed(0)
-    ds = SyntheticPanoptic(2, seed=3, opts=SynthOptions(size=(90, 100)), transform=Normalize())
-    small = SyntheticPanoptic(1, seed=4, opts=SynthOptions(size=(40, 56)), transform=Normalize())
-    batch = collate([ds[0], small[0]])
-    assert batch.images.shape[-2:] == (96, 128)
-    meta = ds.meta
-    seen: list[RawPrediction] = []
-
-    def fusion(raw: RawPrediction) -> PanopticResult:
-        seen.append(raw)
-        h, w = raw.sem_logits.shape[-2:]
-        return PanopticResult(panoptic=torch.zeros((h, w), dtype=torch.int32), segments=[])
-
-    cfg = tiny_config("model.roi_heads.score_thresh=0.0")
-    model = build_panoptic_fpn(cfg, meta)
-    model = PanopticFPN(
-        backbone=model.backbone,
-        instance_branch=model.instance_branch,
-        semantic_head=model.semantic_head,
-        meta=meta,
-        semantic_loss_weight=0.5,
-        fusion=fusion,
-    ).eval()
-    results = model(batch)
-    assert isinstance(results, list) and len(results) == 2 and len(seen) == 2
-    for result, (h, w), image_id in zip(results, batch.image_sizes, batch.image_ids, strict=True):
-        raw = result.raw
-        assert raw is not None and result.image_id == image_id and result.image_size == (h, w)
-        n = len(raw)
-        assert n > 0  # score_thresh 0 keeps detections even from an untrained head
-        assert raw.boxes.shape == (n, 4) and raw.labels.dtype == torch.long
-        assert int(raw.labels.min()) >= 0 and int(raw.labels.max()) < meta.num_things
-        assert raw.boxes[:, 2].max() <= w and raw.boxes[:, 3].max() <= h
-        assert raw.mask_probs is not None and raw.mask_probs.shape == (n, 28, 28)
-        assert 0 <= float(raw.mask_probs.min()) and float(raw.mask_probs.max()) <= 1
-        torch.testing.assert_close(raw.extras["mask_logits"].sigmoid(), raw.mask_probs)
-        assert raw.sem_logits.shape == (meta.num_stuff + 1, h, w) and raw.sem_space == "stuff+things"
-        assert raw.sem_pred is not None and torch.equal(raw.sem_pred, raw.sem_logits.argmax(0))
-
-
-def test_heuristic_fusion_from_config() -> None:
-    pytest.importorskip("unipan.fusion.heuristic")
+def test_builder_binds_the_config_fusion() -> None:
+    """The builder binds `heuristic_fusion` with the config's settings; stuff_area 0 keeps stuff."""
     torch.manual_seed(0)
     batch, meta = synth_batch(2, size=(64, 96))
     cfg = tiny_config(
@@ -175,59 +79,16 @@ def test_heuristic_fusion_from_config() -> None:
     )
     model = build_model(cfg, meta).eval()
     assert isinstance(model, PanopticFPN)
-    results = model(batch)
+    assert model.fuse.func is heuristic_fusion
+    assert model.fuse.keywords == dataclasses.asdict(cfg.model.fusion)
+    results = model(replace(batch, targets=None))
     assert isinstance(results, list)
-    for result, image_id in zip(results, batch.image_ids, strict=True):
-        assert result.image_id == image_id and result.image_size == (64, 96) and result.raw is not None
-        ids = set(torch.unique(result.panoptic).tolist()) - {0}
-        assert ids == {s.id for s in result.segments}
-        assert {s.category_id for s in result.segments} <= {c.id for c in meta.categories}
+    for result in results:
         # a stuff_area of 0 keeps every stuff region: at least one stuff segment per image
         assert any(not s.isthing for s in result.segments)
 
 
-def test_eval_without_detections() -> None:
-    pytest.importorskip("unipan.fusion.heuristic")
-    torch.manual_seed(0)
-    batch, meta = synth_batch(1, size=(64, 64))
-    # softmax scores never exceed 1: no detection survives
-    model = build_model(tiny_config("model.roi_heads.score_thresh=1.0", "model.fusion.stuff_area=0"), meta).eval()
-    (result,) = model(batch)
-    raw = result.raw
-    assert raw is not None and len(raw) == 0
-    assert raw.boxes.shape == (0, 4) and raw.mask_probs is not None and raw.mask_probs.shape == (0, 28, 28)
-    assert all(not s.isthing for s in result.segments) and len(result.segments) > 0
-
-
-def test_batch_of_two_equals_two_singles() -> None:
-    """Eval on a padded batch of two same-size images equals each image alone.
-
-    Tolerance: 1e-4 absolute on logits, scores and probabilities, 1e-3 pixels on boxes (float32
-    convolutions may sum in a different order at batch size 1 and 2); labels and counts exact.
-    """
-    torch.manual_seed(0)
-    batch, meta = synth_batch(2, size=(96, 128))
-    model = build_model(tiny_config("model.roi_heads.score_thresh=0.0"), meta).eval()
-    assert isinstance(model, PanopticFPN)
-    pair, _ = model.raw_predictions(batch)
-    for i in range(2):
-        single = replace(
-            batch,
-            images=batch.images[i : i + 1],
-            image_sizes=batch.image_sizes[i : i + 1],
-            image_ids=batch.image_ids[i : i + 1],
-            targets=None,
-        )
-        (alone,), _ = model.raw_predictions(single)
-        together = pair[i]
-        assert len(alone) == len(together) > 0
-        assert torch.equal(alone.labels, together.labels)
-        torch.testing.assert_close(alone.boxes, together.boxes, rtol=0, atol=1e-3)
-        torch.testing.assert_close(alone.scores, together.scores, rtol=0, atol=1e-4)
-        torch.testing.assert_close(alone.mask_probs, together.mask_probs, rtol=0, atol=1e-4)
-        torch.testing.assert_close(alone.sem_logits, together.sem_logits, rtol=0, atol=1e-4)
-
-
+@pytest.mark.slow
 def test_short_regression_loss_falls() -> None:
     """30 SGD steps on 2 synthetic images: the total loss must fall to under half its start."""
     torch.manual_seed(0)
@@ -278,7 +139,7 @@ def test_real_coco_image_train_and_eval(shared_data: Path) -> None:
     assert set(losses) == LOSS_NAMES and all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     model.eval()
-    raws, _ = model.raw_predictions(batch)
+    raws = model.raw_predictions(batch)
     assert raws[0].sem_logits.shape == (54, h, w)
 
 
@@ -330,22 +191,19 @@ def test_rpn_proposals_match_torchvision_rpn_forward() -> None:
     branch = model.instance_branch
     features = model.backbone(batch.images)
     with torch.no_grad():
-        ours = branch.forward_rpn(features, batch.image_sizes, (64, 64))
+        ours = branch.rpn(features, batch.image_sizes, (64, 64))
         image_list = torchvision.models.detection.image_list.ImageList(batch.images, batch.image_sizes)
-        rpn_feats = {name: features[name] for name in branch.in_features}
-        theirs, _ = branch.rpn(image_list, rpn_feats)
+        rpn_feats = {name: features[name] for name in branch.rpn.in_features}
+        theirs, _ = RegionProposalNetwork.forward(branch.rpn, image_list, rpn_feats)
     for a, b in zip(ours.proposals, theirs, strict=True):
         torch.testing.assert_close(a, b)
 
 
-def test_bad_targets_and_batches_are_named() -> None:
+def test_bad_targets_are_named() -> None:
+    """The instance branch's target checks (the batch checks of every model: test_contract.py)."""
     batch, meta = synth_batch(2)
     model = build_model(tiny_config(), meta).train()
     assert batch.targets is not None
-    with pytest.raises(ValueError, match="needs batch.targets"):
-        model(replace(batch, targets=None))
-    with pytest.raises(ValueError, match="not padded to a multiple of 32"):
-        model(replace(batch, images=batch.images[:, :, :60]))
     t0 = batch.targets[0]
     bad_sem = replace(t0, sem_seg=torch.full_like(t0.sem_seg, meta.num_classes))
     with pytest.raises(ValueError, match=rf"image '{t0.image_id}': sem_seg holds class index {meta.num_classes}"):
@@ -357,29 +215,18 @@ def test_bad_targets_and_batches_are_named() -> None:
     flat[0, 2] = flat[0, 0]
     with pytest.raises(ValueError, match=rf"image '{t0.image_id}', instance 0: degenerate box"):
         model(replace(batch, targets=[replace(t0, boxes=flat), batch.targets[1]]))
-    with pytest.raises(ValueError, match="target sem_seg is"):
-        model(replace(batch, image_sizes=[(32, 32), batch.image_sizes[1]]))
 
 
-# --- registry and configs -------------------------------------------------------------------------
-def test_registry_unknown_name_lists_known() -> None:
-    cfg = tiny_config("model.name=nope")
-    with pytest.raises(ValueError, match=r"unknown model 'nope'.*'panoptic_fpn'.*'upsnet'"):
-        build_model(cfg, SyntheticPanoptic(1).meta)
-    assert MODELS["panoptic_fpn"] is build_panoptic_fpn
-
-
-@pytest.mark.parametrize("name", ["r50_coco", "r50_cityscapes", "tiny_synth"])
-def test_configs_load(name: str) -> None:
-    cfg = load_config(REPO / "configs" / "panoptic_fpn" / f"{name}.yaml")
-    assert cfg.model.name == "panoptic_fpn"
-    if name == "r50_coco":
-        assert (cfg.solver.batch_size, cfg.solver.lr, cfg.solver.max_iter) == (16, 0.02, 90000)
-        assert cfg.solver.steps == [60000, 80000] and cfg.model.semantic.loss_weight == 0.5
-        assert cfg.data.dataset == "coco_panoptic" and max(cfg.data.min_size_train) == 800
-    if name == "r50_cityscapes":
-        assert cfg.data.crop_size == [512, 1024] and cfg.data.scale_range == [0.5, 2.0]
-        assert cfg.model.semantic.loss_weight == 1.0 and cfg.model.fusion.stuff_area == 2048
+# --- configs --------------------------------------------------------------------------------------
+def test_paper_config_values() -> None:
+    """The papers' numbers in the R50 configs (that every config loads: test_contract.py)."""
+    coco = load_config(REPO / "configs" / "panoptic_fpn" / "r50_coco.yaml")
+    assert (coco.solver.batch_size, coco.solver.lr, coco.solver.max_iter) == (16, 0.02, 90000)
+    assert coco.solver.steps == [60000, 80000] and coco.model.semantic.loss_weight == 0.5
+    assert coco.data.dataset == "coco_panoptic" and max(coco.data.min_size_train) == 800
+    cityscapes = load_config(REPO / "configs" / "panoptic_fpn" / "r50_cityscapes.yaml")
+    assert cityscapes.data.crop_size == [512, 1024] and cityscapes.data.scale_range == [0.5, 2.0]
+    assert cityscapes.model.semantic.loss_weight == 1.0 and cityscapes.model.fusion.stuff_area == 2048
 
 
 def test_r50_coco_parameter_count() -> None:
@@ -409,20 +256,22 @@ def test_r50_coco_parameter_count() -> None:
 def test_branch_inconsistencies_are_rejected() -> None:
     _, meta = synth_batch(1)
     cfg = tiny_config()
-    model = build_panoptic_fpn(cfg, meta)
+    model = build_panoptic_fpn(cfg.model, meta)
     shapes = model.backbone.output_shape()
-    other = build_instance_branch(cfg.model, meta.num_things + 1, shapes)
-    with pytest.raises(ValueError, match="instance branch has 6 thing classes"):
+    m = cfg.model
+    other = build_instance_branch(m.rpn, m.roi_heads, m.mask_head, meta.num_things + 1, shapes)
+    with pytest.raises(ValueError, match=r"instance branch predicts 6 classes; it needs things = 5"):
         PanopticFPN(
             backbone=model.backbone,
             instance_branch=other,
             semantic_head=model.semantic_head,
             meta=meta,
             semantic_loss_weight=0.5,
-            fusion=FusionConfig(),
+            fuse=model.fuse,
         )
+    bad = tiny_config("model.rpn.anchor_sizes=[8,16]").model
     with pytest.raises(ValueError, match="one size per level"):
-        build_instance_branch(tiny_config("model.rpn.anchor_sizes=[8,16]").model, meta.num_things, shapes)
+        build_instance_branch(bad.rpn, bad.roi_heads, bad.mask_head, meta.num_things, shapes)
     with pytest.raises(ValueError, match="at least one thing class"):
-        build_instance_branch(cfg.model, 0, shapes)
+        build_instance_branch(m.rpn, m.roi_heads, m.mask_head, 0, shapes)
     assert isinstance(model.instance_branch, InstanceBranch)

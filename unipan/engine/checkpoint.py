@@ -16,12 +16,15 @@ moment leaves the previous checkpoint usable; stale temporary files are never re
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,6 +33,9 @@ from torch import nn
 from unipan.config import Config, config_to_dict
 from unipan.io import atomic_write, atomic_write_text
 from unipan.structures import DatasetMeta
+
+if TYPE_CHECKING:
+    from unipan.modeling.meta_arch import PanopticModel
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +155,8 @@ def save_checkpoint(
     Args:
         path: destination file.
         model: the model (a DDP wrapper is unwrapped).
-        optimizer, scheduler: their states are stored when given.
+        optimizer: its state is stored when given.
+        scheduler: its state is stored when given.
         iteration: number of completed iterations.
         cfg: the resolved config (stored as a dict).
         meta: the dataset's class information (stored as its categories list).
@@ -253,47 +260,60 @@ def _load_model_state(path: Path, model: nn.Module, state: dict[str, Any]) -> No
     model.load_state_dict(state, strict=True)
 
 
-def load_checkpoint(
-    path: str | os.PathLike[str],
-    model: nn.Module | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
-    scheduler: Any | None = None,
-    expect_model_name: str | None = None,
-    expect_meta: DatasetMeta | None = None,
-    map_location: str | torch.device = "cpu",
-) -> dict[str, Any]:
-    """Read a checkpoint with `torch.load(weights_only=True)` and restore what is passed in.
+def read_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint file once (`torch.load(weights_only=True)`) and check it is a unipan one.
 
-    Checks run before anything is modified, so a rejected checkpoint leaves the model intact.
-
-    Args:
-        path: the checkpoint file.
-        model: receives the "model" state (a DDP wrapper is unwrapped); strict.
-        optimizer, scheduler: receive their states when given (error if the file has none).
-        expect_model_name: the registered model name this checkpoint must be for.
-        expect_meta: the class information the checkpoint's categories must match.
-        map_location: where tensors are loaded.
-
-    Returns:
-        The whole checkpoint dict (RNG states are not applied here: see `set_rng_state`).
+    A checkpoint written before the config layout changed (config version 1) has its model state
+    keys renamed to today's layout here, so every loader sees one layout.
 
     Raises:
         FileNotFoundError: no such file.
-        CheckpointError: unreadable file, not a unipan checkpoint, another model, other classes,
-            missing/unexpected/mis-shaped parameters, optimizer/scheduler state that does not fit.
+        CheckpointError: unreadable file, or not a unipan checkpoint.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - truncated zip, foreign pickle, ...: all mean "unusable"
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from e
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else ""
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {reason})") from e
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in _REQUIRED_KEYS):
         have = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(
             f"checkpoint {path} is not a unipan checkpoint (needs keys {list(_REQUIRED_KEYS)}, has {have})"
         )
+    config = ckpt.get("config") or {}
+    if int(config.get("config_version", 1)) == 1 and isinstance(ckpt["model"], dict):
+        ckpt["model"] = _migrate_state_dict_v1(str(ckpt["model_name"]), ckpt["model"])
+    return ckpt
+
+
+def _migrate_state_dict_v1(model_name: str, state: dict[str, Any]) -> dict[str, Any]:
+    """Model state keys of a version-1 checkpoint in today's module layout."""
+    from unipan.modeling.heads.instance import V1_STATE_DICT_RENAMES, rename_state_dict_keys
+
+    return rename_state_dict_keys(state, V1_STATE_DICT_RENAMES.get(model_name, []))
+
+
+def restore_checkpoint(
+    ckpt: dict[str, Any],
+    path: str | os.PathLike[str],
+    model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    expect_model_name: str | None = None,
+    expect_meta: DatasetMeta | None = None,
+) -> None:
+    """Restore what is passed in from a checkpoint dict read by `read_checkpoint` (named `path`).
+
+    Checks run before anything is modified, so a rejected checkpoint leaves the model intact.
+
+    Raises:
+        CheckpointError: another model, other classes, missing/unexpected/mis-shaped parameters,
+            optimizer/scheduler state that is absent or does not fit.
+    """
+    path = Path(path)
     if expect_model_name is not None and ckpt["model_name"] != expect_model_name:
         raise CheckpointError(f"checkpoint {path} is for model {ckpt['model_name']!r}, not {expect_model_name!r}")
     if expect_meta is not None:
@@ -311,4 +331,89 @@ def load_checkpoint(
             scheduler.load_state_dict(ckpt["scheduler"])
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"checkpoint {path}: optimizer/scheduler state does not fit ({e})") from e
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    expect_model_name: str | None = None,
+    expect_meta: DatasetMeta | None = None,
+    map_location: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """`read_checkpoint` then `restore_checkpoint`: what resuming a run needs.
+
+    Returns:
+        The whole checkpoint dict (RNG states are not applied here: see `set_rng_state`).
+
+    Raises:
+        FileNotFoundError, CheckpointError: see `read_checkpoint` and `restore_checkpoint`.
+    """
+    ckpt = read_checkpoint(path, map_location)
+    restore_checkpoint(ckpt, path, model, optimizer, scheduler, expect_model_name, expect_meta)
     return ckpt
+
+
+@dataclass
+class LoadedModel:
+    """A model rebuilt from a checkpoint (see `load_model_from_checkpoint`)."""
+
+    model: PanopticModel
+    meta: DatasetMeta
+    cfg: Config
+
+
+def load_model_from_checkpoint(
+    path: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+    cfg: Config | None = None,
+    overrides: Sequence[str] = (),
+) -> LoadedModel:
+    """The one path from a checkpoint file to a model in eval mode (eval, predict, demo).
+
+    One policy: the checkpoint's stored model section is the truth. `cfg` (the user's config file)
+    contributes everything else (data, solver, engine); `model.*` overrides apply on top of the
+    stored model section and may change what leaves the weights' layout alone (thresholds, fusion
+    settings, oracle switches): one that changes a parameter's shape fails the strict load. The
+    backbone's ImageNet file is not read again: the checkpoint holds the trained weights.
+
+    Args:
+        path: the checkpoint.
+        device: where the model goes.
+        cfg: the user's resolved config (None: the stored one for everything).
+        overrides: dotted `key=value` overrides; the `model.*` ones are applied here.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: unreadable, not a unipan checkpoint, a bad stored config or override,
+            or weights that do not fit the model the config builds (names the keys).
+    """
+    from unipan.config import ConfigError, config_from_dict
+    from unipan.modeling.registry import build_model
+
+    path = Path(path)
+    ckpt = read_checkpoint(path)
+    model_overrides = [o for o in overrides if o.startswith("model.")]
+    if any(o.startswith("model.name=") for o in model_overrides):
+        raise CheckpointError(
+            f"checkpoint {path} holds a {ckpt['model_name']!r} model; model.name cannot be overridden"
+        )
+    try:
+        stored = config_from_dict(ckpt.get("config") or {}, model_overrides)
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {path}: {e}") from e
+    # the weights below overwrite the trunk: its ImageNet file may be gone, or on another machine
+    stored.model.backbone.weights = ""
+    if stored.model.name != ckpt["model_name"]:
+        raise CheckpointError(
+            f"checkpoint {path}: its config names model {stored.model.name!r}, its weights {ckpt['model_name']!r}"
+        )
+    cfg = stored if cfg is None else dataclasses.replace(cfg, model=stored.model)
+    try:
+        meta = DatasetMeta(ckpt["meta"], name=path.stem)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path}: bad stored categories: {e}") from e
+    model = build_model(cfg, meta)
+    _load_model_state(path, model, ckpt["model"])
+    return LoadedModel(model=model.to(device).eval(), meta=meta, cfg=cfg)

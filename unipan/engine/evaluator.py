@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from unipan.engine import distributed as du
 from unipan.engine.checkpoint import preserve_rng_state
+from unipan.modeling.meta_arch import check_results, model_size_divisibility
 from unipan.structures import Batch, DatasetMeta, PanopticResult, Sample
 
 logger = logging.getLogger(__name__)
@@ -89,7 +90,6 @@ def evaluate(
     device: torch.device | str,
     max_images: int = 0,
     batch_size: int = 1,
-    size_divisibility: int = 32,
     num_workers: int = 0,
     out_dir: str | Path | None = None,
 ) -> EvalResult:
@@ -100,14 +100,15 @@ def evaluate(
     so evaluating during training does not change the training's random stream.
 
     Args:
-        model: returns `list[PanopticResult]` (one per image, at the image's input size) in eval
-            mode; a DDP wrapper is unwrapped (no gradient sync during evaluation).
+        model: a PanopticModel: returns one PanopticResult per image, at the image's input size,
+            in eval mode (checked by `check_results`); a DDP wrapper is unwrapped (no gradient
+            sync during evaluation). Batches are padded to its `size_divisibility`; it sees the
+            ground truth only when it declares `needs_targets_at_inference` (oracle modes).
         dataset: yields `Sample`s with ground truth.
         meta: class information of the dataset.
         device: where the model runs.
         max_images: evaluate the first `max_images` images only (0 = all).
         batch_size: images per forward pass on each rank.
-        size_divisibility: padding multiple for the collate.
         num_workers: DataLoader workers.
         out_dir: when set, write predictions there as COCO-panoptic at each image's original
             size: PNGs under out_dir/panoptic/ (every rank writes its own images) and
@@ -124,7 +125,7 @@ def evaluate(
     from unipan.evaluation.pq import PQResult, PQStat, all_reduce_pq_stat, pq_compute_single
     from unipan.evaluation.semantic import SemSegStat
     from unipan.io import write_panoptic_json, write_panoptic_prediction
-    from unipan.predictor import resize_result
+    from unipan.segments import resize_result
 
     device = torch.device(device)
     n_total = len(dataset)  # type: ignore[arg-type]
@@ -132,7 +133,7 @@ def evaluate(
     if n == 0:
         raise ValueError("evaluation dataset is empty")
     shard = Subset(dataset, list(du.shard_indices(n)))
-    collate = Collate(size_divisibility)
+    collate = Collate(model_size_divisibility(model))
     loader = DataLoader(
         shard,
         batch_size=batch_size,
@@ -155,27 +156,13 @@ def evaluate(
     try:
         with preserve_rng_state(), torch.no_grad():
             for samples in loader:
-                # the model sees no ground truth at evaluation; PQ reads it from the samples on the CPU
-                batch: Batch = replace(collate(samples), targets=None).to(device)
-                results = net(batch)
-                if not isinstance(results, list) or len(results) != len(samples):
-                    got = f"list of {len(results)}" if isinstance(results, list) else type(results).__name__
-                    raise TypeError(
-                        f"{type(net).__name__} in eval mode must return one PanopticResult per image "
-                        f"({len(samples)}), got {got}"
-                    )
+                batch: Batch = collate(samples)
+                if not getattr(net, "needs_targets_at_inference", False):
+                    # the model sees no ground truth; PQ reads it from the samples on the CPU
+                    batch = replace(batch, targets=None)
+                results = check_results(net(batch.to(device)), net, batch)
                 for sample, result in zip(samples, results, strict=True):
                     gt = sample.target
-                    if not isinstance(result, PanopticResult):
-                        raise TypeError(
-                            f"image {sample.image_id!r}: model returned {type(result).__name__}, "
-                            "expected PanopticResult"
-                        )
-                    if tuple(result.panoptic.shape[-2:]) != gt.image_size:
-                        raise ValueError(
-                            f"image {sample.image_id!r}: prediction is {tuple(result.panoptic.shape[-2:])}, "
-                            f"ground truth {gt.image_size} (predictions must be at the input size)"
-                        )
                     pred_ids = result.panoptic.detach().cpu()
                     pq_stat += pq_compute_single(
                         gt.panoptic.numpy(),

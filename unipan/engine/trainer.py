@@ -47,11 +47,12 @@ from unipan.engine.evaluator import EvalResult, evaluate
 from unipan.engine.metrics import LOSS_CURVE_FILE, MetricsWriter, plot_loss_curve, read_metrics, run_logging
 from unipan.engine.sampler import IterationBatchSampler, SeededDataset, derive_seed
 from unipan.engine.schedule import build_optimizer, build_scheduler
+from unipan.modeling.meta_arch import check_losses, model_size_divisibility
 from unipan.structures import Batch, DatasetMeta, Sample
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainResult", "EvalResult", "train", "evaluate", "resolve_device", "seed_everything"]
+__all__ = ["EvalResult", "TrainResult", "evaluate", "resolve_device", "seed_everything", "train"]
 
 
 @dataclasses.dataclass
@@ -78,7 +79,9 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """ "auto" -> cuda:<local_rank> when CUDA is available, else cpu; "cuda" -> cuda:<local_rank>.
+    """The torch device of a device name.
+
+    "auto" -> cuda:<local_rank> when CUDA is available, else cpu; "cuda" -> cuda:<local_rank>.
 
     Raises:
         ValueError: unknown name, or "cuda" without a visible GPU.
@@ -131,28 +134,6 @@ def _config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
     return diffs
 
 
-def _check_losses(losses: Any, model: nn.Module, expected_keys: list[str] | None) -> list[str]:
-    if not isinstance(losses, dict) or not losses:
-        raise TypeError(
-            f"{type(model).__name__} in training mode must return a non-empty dict of named losses, "
-            f"got {type(losses).__name__}"
-        )
-    keys = sorted(losses)
-    if "total_loss" in losses:
-        raise ValueError(f"{type(model).__name__} returned a loss named 'total_loss', a name the engine reserves")
-    for key in keys:
-        value = losses[key]
-        if not isinstance(value, Tensor) or value.numel() != 1:
-            raise TypeError(f"loss {key!r} of {type(model).__name__} must be a scalar tensor, got {value!r}")
-    # every rank all-reduces the losses in this order each iteration, so the set must not change
-    if expected_keys is not None and keys != expected_keys:
-        raise ValueError(
-            f"{type(model).__name__} returned losses {keys}, earlier {expected_keys}; a model must "
-            "return the same losses every iteration (a zero loss where a term does not apply)"
-        )
-    return keys
-
-
 class _Averager:
     """Means of scalars since the last log."""
 
@@ -201,7 +182,8 @@ def train(
             there is none).
         model: a model to train instead of building one (checkpoints still carry
             `cfg.model.name`).
-        train_set, val_set: datasets of `Sample`s instead of building them.
+        train_set: a dataset of `Sample`s to train on instead of building one.
+        val_set: a dataset of `Sample`s to evaluate on instead of building one.
         meta: class information; defaults to `train_set.meta`.
 
     Returns:
@@ -222,7 +204,7 @@ def train(
             du.cleanup()
 
 
-def _train(
+def _train(  # noqa: C901 - the run set-up in order, kept whole until the step is split out
     cfg: Config,
     resume: bool,
     model: nn.Module | None,
@@ -329,7 +311,8 @@ def _train(
     loader = DataLoader(
         SeededDataset(train_set),
         batch_sampler=sampler,
-        collate_fn=Collate(cfg.data.size_divisibility),
+        # batches are padded as the model needs (its backbone's size divisibility)
+        collate_fn=Collate(model_size_divisibility(model)),
         num_workers=cfg.data.num_workers,
         pin_memory=device.type == "cuda",
         worker_init_fn=_worker_init,
@@ -384,7 +367,6 @@ def _train(
             device,
             max_images=eng.eval_max_images,
             batch_size=1,
-            size_divisibility=cfg.data.size_divisibility,
             num_workers=0,
         )
         if is_main:
@@ -424,13 +406,12 @@ def _train(
             logger.info("checkpoint is at iteration %d >= max_iter %d: nothing to train", start_iter, solver.max_iter)
             if val_set is not None:
                 final_eval = run_eval(start_iter)
-    if is_main:
-        if plot_loss_curve(
-            read_metrics(output_dir / "metrics.jsonl"),
-            output_dir / LOSS_CURVE_FILE,
-            title=f"{cfg.model.name} ({output_dir.name})",
-        ):
-            logger.info("loss curve: %s", output_dir / LOSS_CURVE_FILE)
+    if is_main and plot_loss_curve(
+        read_metrics(output_dir / "metrics.jsonl"),
+        output_dir / LOSS_CURVE_FILE,
+        title=f"{cfg.model.name} ({output_dir.name})",
+    ):
+        logger.info("loss curve: %s", output_dir / LOSS_CURVE_FILE)
     final = {"iteration": float(max(start_iter, solver.max_iter))}
     if "total_loss" in last_record:
         final["total_loss"] = float(last_record["total_loss"])
@@ -493,7 +474,7 @@ def _loop(
         lr = float(optimizer.param_groups[0]["lr"])
         with autocast():
             losses = train_model(batch)
-        loss_keys = _check_losses(losses, model, loss_keys)
+        loss_keys = check_losses(losses, model, loss_keys)
         total = sum((losses[k].float() for k in loss_keys), torch.zeros((), device=device))
         # one small all-reduce: every rank sees the same values, so all ranks stop together on NaN
         values = torch.stack([losses[k].detach().float().reshape(()) for k in loss_keys] + [total.detach()])

@@ -1,25 +1,29 @@
-"""One flat registry of model builders: name -> builder(cfg, meta) -> nn.Module."""
+"""One flat registry of model builders: name -> builder(model config, meta) -> PanopticModel.
+
+Each name has a config schema of the same name in `unipan.config.models.MODEL_CONFIGS` (a test
+checks that the two tables agree).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-
-from torch import nn
+from typing import Any
 
 from unipan.config import Config
+from unipan.modeling.meta_arch import PanopticModel
 from unipan.modeling.models.panoptic_fpn import build_panoptic_fpn
 from unipan.modeling.models.upsnet import build_upsnet
 from unipan.structures import DatasetMeta
 
 __all__ = ["MODELS", "build_model"]
 
-MODELS: dict[str, Callable[[Config, DatasetMeta], nn.Module]] = {
+MODELS: dict[str, Callable[[Any, DatasetMeta], PanopticModel]] = {
     "panoptic_fpn": build_panoptic_fpn,
     "upsnet": build_upsnet,
 }
 
 
-def build_model(cfg: Config, meta: DatasetMeta) -> nn.Module:
+def build_model(cfg: Config, meta: DatasetMeta) -> PanopticModel:
     """Build the model named by `cfg.model.name` for the classes of `meta`.
 
     Raises:
@@ -28,4 +32,4 @@ def build_model(cfg: Config, meta: DatasetMeta) -> nn.Module:
     name = cfg.model.name
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r} (config model.name); registered models: {sorted(MODELS)}")
-    return MODELS[name](cfg, meta)
+    return MODELS[name](cfg.model, meta)

@@ -1,5 +1,7 @@
-"""UPSNet (Xiong et al., CVPR 2019): one ResNet-FPN, a Mask R-CNN instance branch, a deformable
-semantic head over all S + T classes, and the parameter-free panoptic head.
+"""UPSNet (Xiong et al., CVPR 2019).
+
+One ResNet-FPN, a Mask R-CNN instance branch, a deformable semantic head over all S + T classes,
+and the parameter-free panoptic head.
 
 Training losses (weights from the config; COCO: semantic 0.2, RoI 0.04, panoptic 0.1):
 RPN objectness / box, box classifier / regression, mask (Mask R-CNN, weight 1), the semantic
@@ -17,99 +19,43 @@ Oracle modes (the lower rows of the paper's Table 6) read `batch.targets` at inf
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import dataclasses
+import functools
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torchvision.ops import box_iou
 
-from unipan.config import Config
-from unipan.fusion.upsnet_head import (
-    PanopticHeadSettings,
-    instance_index_map,
-    oracle_sem_logits,
-    panoptic_loss,
-    sample_kept_instances,
-    upsnet_fusion,
-)
-from unipan.modeling.backbone import ResNetFPN, build_backbone
-from unipan.modeling.heads.instance import InstanceBranch, build_instance_branch, check_num_things
-from unipan.modeling.heads.semantic_fpn import semantic_loss, upsample_logits
-from unipan.modeling.heads.upsnet_semantic import GlobalContext, UPSNetSemanticHead, semantic_roi_loss
-from unipan.modeling.models.panoptic_fpn import check_batch, check_sem_seg
-from unipan.structures import Batch, DatasetMeta, PanopticResult, PanopticTarget, RawPrediction
+from unipan.config import UPSNetConfig
+from unipan.fusion.oracle import ORACLE_LOGIT, oracle_sem_logits
+from unipan.fusion.settings import PanopticHeadSettings
+from unipan.fusion.upsnet_head import panoptic_loss, sample_kept_instances, upsnet_fusion
+from unipan.modeling.backbone import FPN, build_backbone
+from unipan.modeling.heads.instance import InstanceBranch, build_instance_branch
+from unipan.modeling.heads.upsnet_semantic import UPSNetSemanticHead, semantic_roi_loss
+from unipan.modeling.layers.losses import semantic_loss, upsample_logits
+from unipan.modeling.meta_arch import Fusion, PanopticModel, check_sem_seg
+from unipan.structures import Batch, DatasetMeta, PanopticTarget, RawPrediction
 
-__all__ = ["ContextFPN", "UPSNet", "build_upsnet"]
-
-ORACLE_LOGIT = 10.0
-"""Magnitude of the one-hot semantic logits of the GT-semantic oracle."""
+__all__ = ["UPSNet", "build_upsnet"]
 
 
-class ContextFPN(nn.Module):
-    """A ResNet-FPN whose P5 lateral gets a global-context vector added before the top-down path.
-
-    UPSNet on COCO: GAP(res5) -> Linear(2048 -> 256) "added back to FPN before producing P5".
-    With `context=None` this is the plain backbone.
-
-    Args:
-        backbone: the ResNet-FPN (its trunk and torchvision FPN modules are used as they are).
-        context: the `GlobalContext` module, or None.
-    """
-
-    def __init__(self, *, backbone: ResNetFPN, context: GlobalContext | None) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.context = context
-        self.size_divisibility = int(backbone.size_divisibility)
-
-    def output_shape(self) -> dict[str, tuple[int, int]]:
-        """{feature name: (channels, stride)}, as the wrapped backbone."""
-        return self.backbone.output_shape()
-
-    def forward(self, images: Tensor) -> dict[str, Tensor]:
-        """Trunk features res2..res5 and pyramid levels p2..p6 (see `ResNetFPN.forward`)."""
-        if self.context is None:
-            return self.backbone(images)
-        h, w = images.shape[-2:]
-        if images.dim() != 4 or h % self.size_divisibility or w % self.size_divisibility:
-            raise ValueError(
-                f"expected images [B, 3, H, W] padded to multiples of {self.size_divisibility}, "
-                f"got {tuple(images.shape)}"
-            )
-        trunk_out = self.backbone.trunk(images)
-        fpn = self.backbone.fpn
-        names = list(trunk_out)
-        feats = list(trunk_out.values())
-        # top-down path of torchvision's FPN, with the context added to the coarsest lateral
-        inner = fpn.get_result_from_inner_blocks(feats[-1], -1) + self.context(feats[-1])
-        levels = [fpn.get_result_from_layer_blocks(inner, -1)]
-        for idx in range(len(feats) - 2, -1, -1):
-            lateral = fpn.get_result_from_inner_blocks(feats[idx], idx)
-            inner = lateral + F.interpolate(inner, size=lateral.shape[-2:], mode="nearest")
-            levels.insert(0, fpn.get_result_from_layer_blocks(inner, idx))
-        if fpn.extra_blocks is not None:
-            levels, names = fpn.extra_blocks(levels, feats, names)
-        out: dict[str, Tensor] = OrderedDict(trunk_out)
-        for k, feat in enumerate(levels, start=2):
-            out[f"p{k}"] = feat
-        return out
-
-
-class UPSNet(nn.Module):
+class UPSNet(PanopticModel):
     """Backbone -> (instance branch, semantic head) -> losses, or panoptic results via the panoptic head.
 
     Args:
-        backbone: ResNet-FPN (or `ContextFPN`) with `output_shape()`, `size_divisibility`, p2..p6.
+        backbone: ResNet-FPN (with the global context on COCO) with `output_shape()`,
+            `size_divisibility`, p2..p6.
         instance_branch: the Mask R-CNN branch (T thing classes).
         semantic_head: the deformable semantic head over S + T classes.
         meta: the dataset's classes.
-        fusion: inference settings of the panoptic head.
+        fuse: the panoptic head's inference (`upsnet_fusion` with its settings bound).
         semantic_loss_weight: weight of the semantic cross-entropy (COCO 0.2, Cityscapes 1.0).
         roi_loss_weight: weight of the semantic head's RoI loss (COCO 0.04; 0 = off).
         panoptic_loss_weight: weight of the panoptic cross-entropy (COCO 0.1, Cityscapes 0.5).
         panoptic_loss: train the panoptic head (Table 6, "Pano."); False drops its loss.
-        unknown: predict the unknown class (training target of dropped instances, inference channel).
+        unknown: train the unknown class from dropped instances (the fusion's `unknown` setting
+            must agree: the builder takes both from `model.fusion.unknown`).
         instance_keep_fraction: GT instances kept when building Z in training (0.7).
         roi_loss_size: RoIAlign resolution of the RoI loss (28).
         instance_loss_weight: weight of each of the five RPN / box / mask losses (1.0).
@@ -122,11 +68,11 @@ class UPSNet(nn.Module):
     def __init__(
         self,
         *,
-        backbone: nn.Module,
+        backbone: FPN,
         instance_branch: InstanceBranch,
         semantic_head: UPSNetSemanticHead,
         meta: DatasetMeta,
-        fusion: PanopticHeadSettings,
+        fuse: Fusion,
         semantic_loss_weight: float = 0.2,
         roi_loss_weight: float = 0.04,
         panoptic_loss_weight: float = 0.1,
@@ -139,20 +85,14 @@ class UPSNet(nn.Module):
         oracle_class_assignment: bool = False,
         oracle_semantic: bool = False,
     ) -> None:
-        super().__init__()
-        if semantic_head.num_classes != meta.num_classes:
-            raise ValueError(
-                f"semantic head predicts {semantic_head.num_classes} classes; UPSNet needs stuff + things "
-                f"= {meta.num_classes} for {meta!r}"
-            )
-        check_num_things(instance_branch, meta)
+        super().__init__(meta=meta, size_divisibility=int(backbone.size_divisibility), fuse=fuse)
+        self.check_num_classes("semantic head", semantic_head.num_classes, meta.num_classes, "stuff + things")
+        self.check_num_classes("instance branch", instance_branch.num_things, meta.num_things, "things")
         if not 0.0 <= instance_keep_fraction <= 1.0:
             raise ValueError(f"instance_keep_fraction must lie in [0, 1], got {instance_keep_fraction}")
         self.backbone = backbone
         self.instance_branch = instance_branch
         self.semantic_head = semantic_head
-        self.meta = meta
-        self.fusion = fusion
         self.semantic_loss_weight = float(semantic_loss_weight)
         self.roi_loss_weight = float(roi_loss_weight)
         self.panoptic_loss_weight = float(panoptic_loss_weight)
@@ -164,37 +104,7 @@ class UPSNet(nn.Module):
         self.oracle_boxes = bool(oracle_boxes)
         self.oracle_class_assignment = bool(oracle_class_assignment)
         self.oracle_semantic = bool(oracle_semantic)
-        self.size_divisibility = int(getattr(backbone, "size_divisibility", 32))
-
-    @property
-    def uses_oracle(self) -> bool:
-        """True when inference reads the batch's ground truth."""
-        return self.oracle_boxes or self.oracle_class_assignment or self.oracle_semantic
-
-    def forward(self, batch: Batch) -> dict[str, Tensor] | list[PanopticResult]:
-        """Losses in training, panoptic results in eval.
-
-        Args:
-            batch: padded images FloatTensor[B, 3, Hp, Wp] with sizes (and targets in training, or
-                at inference in an oracle mode).
-
-        Returns:
-            training: {"loss_rpn_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg",
-            "loss_mask", "loss_sem_seg", "loss_sem_roi" (when its weight > 0), "loss_panoptic" (when
-            the panoptic loss is on)}, each FloatTensor[] already weighted.
-            eval: one PanopticResult per image at its input size (h, w); `.raw` is the
-            RawPrediction (sem_logits FloatTensor[S + T, h, w], sem_space "all", mask logits in
-            extras["mask_logits"]).
-        """
-        if self.training:
-            if batch.targets is None:
-                raise ValueError("UPSNet in training mode needs batch.targets (call .eval() to predict)")
-            check_batch(batch, self.size_divisibility)
-            return self.losses(batch)
-        check_batch(batch, self.size_divisibility)
-        if self.uses_oracle and batch.targets is None:
-            raise ValueError("UPSNet oracle modes (model.upsnet.oracle_*) need batch.targets at inference")
-        return self.predict(batch)
+        self.needs_targets_at_inference = self.oracle_boxes or self.oracle_class_assignment or self.oracle_semantic
 
     # --- training --------------------------------------------------------------------------------
     def losses(self, batch: Batch) -> dict[str, Tensor]:
@@ -203,8 +113,8 @@ class UPSNet(nn.Module):
         assert targets is not None
         padded_size = (int(batch.images.shape[-2]), int(batch.images.shape[-1]))
         features = self.backbone(batch.images)
-        _, instance_losses = self.instance_branch(features, batch.image_sizes, padded_size, targets)
-        losses = {name: loss * self.instance_loss_weight for name, loss in instance_losses.items()}
+        instances = self.instance_branch.run(features, batch.image_sizes, padded_size, targets)
+        losses = {name: loss * self.instance_loss_weight for name, loss in instances.losses.items()}
 
         sem_logits, sem_feature = self.semantic_head(features)
         padded_sem = batch.padded_sem_seg()
@@ -243,7 +153,7 @@ class UPSNet(nn.Module):
         for i, t in enumerate(targets):
             h, w = t.sem_seg.shape
             imap = torch.full((hp, wp), -1, dtype=torch.long, device=sem_logits.device)
-            imap[:h, :w] = instance_index_map(t.masks)
+            imap[:h, :w] = t.instance_index_map()
             n = len(t)
             fraction = self.instance_keep_fraction if self.unknown else 1.0
             keep = sample_kept_instances(n, fraction).to(sem_logits.device)
@@ -269,12 +179,12 @@ class UPSNet(nn.Module):
         padded_size = (int(batch.images.shape[-2]), int(batch.images.shape[-1]))
         features = self.backbone(batch.images)
         sem_logits, _ = self.semantic_head(features)
-        targets = batch.targets if self.uses_oracle else None
+        targets = batch.targets if self.needs_targets_at_inference else None
         if self.oracle_boxes:
             assert targets is not None
             detections = self._classify_gt_boxes(features, targets, padded_size)
         else:
-            detections = self.instance_branch.run(features, batch.image_sizes, padded_size, None).detections
+            detections = self.instance_branch.run(features, batch.image_sizes, padded_size).detections
         if self.oracle_class_assignment:
             assert targets is not None
             detections = [dict(d) for d in detections]
@@ -310,22 +220,12 @@ class UPSNet(nn.Module):
             )
         return raws
 
-    @torch.no_grad()
-    def predict(self, batch: Batch) -> list[PanopticResult]:
-        """Panoptic results of `batch` (see `forward`)."""
-        raws = self.raw_predictions(batch)
-        return [
-            upsnet_fusion(raw, self.meta, self.fusion, image_id=image_id)
-            for image_id, raw in zip(batch.image_ids, raws, strict=True)
-        ]
-
     def _mask_logits(
         self, features: dict[str, Tensor], boxes: list[Tensor], labels: list[Tensor], padded_size: tuple[int, int]
     ) -> Tensor:
         """FloatTensor[sum K, M, M] mask logits of each box's class (one image's boxes per list item)."""
         logits, _ = self.instance_branch.forward_masks(features, boxes, padded_size)
-        flat_labels = torch.cat(labels)
-        return logits[torch.arange(flat_labels.numel(), device=logits.device), flat_labels]
+        return self.instance_branch.mask_head.select_class(logits, torch.cat(labels))
 
     def _classify_gt_boxes(
         self,
@@ -334,13 +234,8 @@ class UPSNet(nn.Module):
         padded_size: tuple[int, int],
     ) -> list[dict[str, Tensor]]:
         """GT-box oracle: the box head's most likely thing class and its probability for each GT box."""
-        heads = self.instance_branch.roi_heads
         boxes = [t.boxes.to(features["p2"].dtype) for t in targets]
-        pooled = heads.box_roi_pool(features, boxes, [padded_size] * len(boxes))
-        class_logits, _ = heads.box_predictor(heads.box_head(pooled))
-        # column 0 is torchvision's background: the oracle box holds an object, so pick a thing
-        probs = class_logits.softmax(dim=-1)[:, 1:]
-        scores, labels = probs.max(dim=-1)
+        scores, labels = self.instance_branch.box_head.classify_boxes(features, boxes, padded_size)
         sizes = [int(b.shape[0]) for b in boxes]
         label_list = list(labels.split(sizes))
         mask_logits = self._mask_logits(features, boxes, label_list, padded_size).split(sizes)
@@ -367,17 +262,16 @@ def _gt_class_of_boxes(boxes: Tensor, labels: Tensor, target: PanopticTarget, mi
     return torch.where(best >= min_iou, target.labels.to(labels.device)[index], labels)
 
 
-def build_upsnet(cfg: Config, meta: DatasetMeta) -> UPSNet:
-    """UPSNet for `meta`'s classes from `cfg.model` (backbone, rpn, roi_heads, upsnet)."""
-    model_cfg = cfg.model
-    ups = model_cfg.upsnet
-    backbone = build_backbone(model_cfg.backbone)
+def build_upsnet(cfg: UPSNetConfig, meta: DatasetMeta) -> UPSNet:
+    """UPSNet for `meta`'s classes from its model config.
+
+    The oracle switches set the panoptic head's derived settings: GT boxes are used as they are
+    (no detection filtering), and GT class assignment turns the class-assignment heuristic off.
+    """
+    ups = cfg.upsnet
+    backbone = build_backbone(cfg.backbone, global_context=ups.global_context)
     shapes = backbone.output_shape()
-    context = None
-    if ups.global_context:
-        res5_channels = shapes["res5"][0]
-        context = GlobalContext(res5_channels, shapes["p5"][0])
-    instance_branch = build_instance_branch(model_cfg, meta.num_things, shapes)
+    instance_branch = build_instance_branch(cfg.rpn, cfg.roi_heads, cfg.mask_head, meta.num_things, shapes)
     semantic_head = UPSNetSemanticHead(
         in_shapes=shapes,
         num_classes=meta.num_classes,
@@ -386,17 +280,22 @@ def build_upsnet(cfg: Config, meta: DatasetMeta) -> UPSNet:
         out_channels=ups.semantic_out_channels,
         deformable=ups.deformable,
     )
+    settings: PanopticHeadSettings = dataclasses.replace(
+        cfg.fusion,
+        class_assignment=cfg.fusion.class_assignment and not ups.oracle_class_assignment,
+        filter_detections=cfg.fusion.filter_detections and not ups.oracle_boxes,
+    )
     return UPSNet(
-        backbone=ContextFPN(backbone=backbone, context=context),
+        backbone=backbone,
         instance_branch=instance_branch,
         semantic_head=semantic_head,
         meta=meta,
-        fusion=PanopticHeadSettings.from_config(ups),
+        fuse=functools.partial(upsnet_fusion, settings=settings),
         semantic_loss_weight=ups.semantic_loss_weight,
         roi_loss_weight=ups.roi_loss_weight,
         panoptic_loss_weight=ups.panoptic_loss_weight,
         panoptic_loss=ups.panoptic_loss,
-        unknown=ups.unknown,
+        unknown=settings.unknown,
         instance_keep_fraction=ups.instance_keep_fraction,
         roi_loss_size=ups.roi_loss_size,
         oracle_boxes=ups.oracle_boxes,
