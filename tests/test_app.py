@@ -30,7 +30,10 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_demo_writes_report_predictions_and_pictures(demo_dir: Path) -> None:
     report = load_json(demo_dir / "report.json")
-    assert set(report) >= {"All", "Things", "Stuff", "per_class", "miou", "train_seconds"}
+    assert set(report) >= {"All", "Things", "Stuff", "per_class", "miou_pan", "miou_sem", "instances", "train_seconds"}
+    assert report["sem_space"] == "stuff+things" and 0.0 <= report["miou_sem"] <= 1.0
+    assert set(report["instances"]) == {"segm", "bbox"} and "AP50" in report["instances"]["segm"]
+    assert "mIoU (semantic head" in (demo_dir / "report.md").read_text()
     for group in ("All", "Things", "Stuff"):
         assert set(report[group]) == {"pq", "sq", "rq", "n"}
         assert 0.0 <= report[group]["pq"] <= 1.0
@@ -63,17 +66,23 @@ def test_demo_report_agrees_with_unipan_pq(demo_dir: Path, tmp_path: Path) -> No
     assert code == 0
     from_files = json.loads(out.read_text())
     report = load_json(demo_dir / "report.json")
-    # the synthetic test transform keeps the file size, so in-memory PQ equals PQ over the files
+    # every PQ unipan prints is measured at the original size, as `unipan pq` measures the files
     for group in ("All", "Things", "Stuff"):
-        assert from_files[group]["pq"] == pytest.approx(report[group]["pq"], abs=1e-12)
+        for key in ("pq", "sq", "rq", "n"):
+            assert from_files[group][key] == pytest.approx(report[group][key], abs=1e-9)
 
 
 def test_eval_cli(demo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = demo_dir / "run" / "config.yaml"
     code = main(["eval", str(cfg), "--weights", str(demo_dir / "run" / "model_final.pth"), "--out", str(tmp_path)])
     assert code == 0
-    assert "Things" in capsys.readouterr().out
-    assert set(load_json(tmp_path / "pq.json")) >= {"All", "Things", "Stuff", "per_class", "miou"}
+    printed = capsys.readouterr().out
+    assert "Things" in printed and "mIoU (semantic head" in printed and "mask" in printed
+    assert set(load_json(tmp_path / "pq.json")) >= {"All", "Things", "Stuff", "per_class", "miou_pan", "miou_sem"}
+    results = load_json(tmp_path / "instances_results.json")
+    assert isinstance(results, list)
+    for det in results[:5]:
+        assert set(det) == {"image_id", "category_id", "bbox", "score", "segmentation"}
 
 
 def test_predict_cli_on_a_folder_and_a_file(demo_dir: Path, tmp_path: Path) -> None:

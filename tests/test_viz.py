@@ -185,9 +185,7 @@ def _synthetic_folder(tmp_path: Path) -> Path:
 
 def test_visualize_folder_ground_truth_and_pairs(tmp_path: Path) -> None:
     root = _synthetic_folder(tmp_path)
-    gt = visualize_folder(
-        root / "images", root / "panoptic", root / "panoptic.json", tmp_path / "gt", max_images=2
-    )
+    gt = visualize_folder(root / "images", root / "panoptic", root / "panoptic.json", tmp_path / "gt", max_images=2)
     assert [p.name for p in gt] == ["000000.png", "000001.png"]
     pic = np.asarray(imagecodecs.png_decode(gt[0].read_bytes()))
     assert pic.shape == (64, 64, 3)
@@ -222,9 +220,7 @@ def test_visualize_folder_ground_truth_and_pairs(tmp_path: Path) -> None:
             pred_dir=pred_dir, pred_json=tmp_path / "short.json",
         )  # fmt: skip
     with pytest.raises(ValueError, match="both"):
-        visualize_folder(
-            root / "images", root / "panoptic", root / "panoptic.json", tmp_path / "x", pred_dir=pred_dir
-        )
+        visualize_folder(root / "images", root / "panoptic", root / "panoptic.json", tmp_path / "x", pred_dir=pred_dir)
     # a PNG id the JSON does not describe
     bad = read_id_png(pred_dir / "000000.png")
     bad[0, 0] = 12345

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -35,10 +36,13 @@ def _pick_device(name: str) -> torch.device:
 def evaluate_checkpoint(
     config_path: Path, overrides: Sequence[str], weights: Path, out: Path | None = None
 ) -> dict[str, Any]:
-    """PQ/SQ/RQ and mIoU of a checkpoint on the config's val split; predictions under `out`.
+    """PQ/SQ/RQ, both mIoUs and COCO AP of a checkpoint on the config's val split.
 
-    The checkpoint's stored model section is the model; the config file gives the data, and the
+    Everything is measured at each image's original size (`unipan.engine.evaluator`). The
+    checkpoint's stored model section is the model; the config file gives the data, and the
     `model.*` overrides apply to the stored model section (thresholds, fusion, oracle switches).
+    With `out`: COCO-panoptic predictions (panoptic/, predictions.json), the COCO instance results
+    (instances_results.json) and the report (pq.json) are written there.
     """
     from unipan.data.build import build_dataset
     from unipan.engine.checkpoint import load_model_from_checkpoint
@@ -51,12 +55,38 @@ def evaluate_checkpoint(
     val_set = build_dataset(loaded.cfg.data, "val", is_train=False, output_dir=loaded.cfg.engine.output_dir)
     result = evaluate(loaded.model, val_set, loaded.meta, device, out_dir=out)
     print(result.pq.table())
-    print(f"mIoU {100 * result.miou:.2f}")
-    report = {**result.pq.to_dict(), "miou": result.miou}
+    print(result.summary())
+    report = eval_report(result)
     if out is not None:
         save_json(Path(out) / "pq.json", report, indent=2)
         print(f"wrote predictions and pq.json to {out}")
     return report
+
+
+def _finite_or_none(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def eval_report(result: Any) -> dict[str, Any]:
+    """An `EvalResult` as JSON: `unipan pq --json`'s PQ dict plus the semantic and instance metrics.
+
+    Keys beside PQ's: "miou_pan" (mIoU of the panoptic output) and "miou_sem" (of the semantic
+    head, in its class space "sem_space"; null without raw predictions), fractions 0..1 as PQ's;
+    "instances": {"segm": {AP, AP50, AP75, APs, APm, APl}, "bbox": {...}} in percent as COCOeval
+    prints them (null where undefined), or null without thing classes or raw predictions.
+    """
+    instances = None
+    if result.instances is not None:
+        instances = {
+            kind: {name: _finite_or_none(v) for name, v in values.items()} for kind, values in result.instances.items()
+        }
+    return {
+        **result.pq.to_dict(),
+        "miou_pan": result.miou_pan,
+        "miou_sem": result.miou_sem,
+        "sem_space": result.sem_space,
+        "instances": instances,
+    }
 
 
 def list_images(inputs: Iterable[Path]) -> list[Path]:
@@ -114,8 +144,9 @@ def run_demo(out: Path, model: str = "panoptic_fpn", overrides: Sequence[str] = 
     """Synthetic data -> train the tiny config on CPU -> evaluate -> pictures -> report.
 
     Writes under `out`: synthetic/ (the dataset), run/ (checkpoints, metrics, config, loss curve),
-    predictions/ (COCO-panoptic PNG + JSON of the val split), pictures/ (GT | prediction),
-    report.md and report.json (the evaluation in the structure of `unipan pq --json`).
+    predictions/ (COCO-panoptic PNG + JSON of the val split, instances_results.json), pictures/
+    (GT | prediction), report.md and report.json (`eval_report`: `unipan pq --json`'s structure plus
+    both mIoUs and the COCO AP), all measured at the images' original size.
     """
     from unipan.data.build import build_dataset
     from unipan.engine.checkpoint import load_model_from_checkpoint
@@ -139,11 +170,11 @@ def run_demo(out: Path, model: str = "panoptic_fpn", overrides: Sequence[str] = 
     val_set = build_dataset(cfg.data, "val", is_train=False)
     result = evaluate(loaded.model, val_set, meta, device, out_dir=out / "predictions")
     pictures = _demo_pictures(out, cfg, meta)
-    pq = result.pq.to_dict()
-    report = {**pq, "miou": result.miou, "train_seconds": round(train_s, 1), "model": model}
+    report = {**eval_report(result), "train_seconds": round(train_s, 1), "model": model}
     save_json(out / "report.json", report, indent=2)
     atomic_write_text(out / "report.md", _report_md(result, out, trained.output_dir, pictures, train_s, model))
     print(result.pq.table())
+    print(result.summary())
     print(f"\nreport: {out / 'report.md'}")
     return report
 
@@ -169,21 +200,22 @@ def _report_md(result: Any, out: Path, run_dir: Path, pictures: list[Path], trai
         f"| {k} | {100 * d[k]['pq']:.1f} | {100 * d[k]['sq']:.1f} | {100 * d[k]['rq']:.1f} | {d[k]['n']} |"
         for k in ("All", "Things", "Stuff")
     )
-    miou = f"\nmIoU: {100 * result.miou:.1f}\n"
+    semantic_and_ap = f"\n```\n{result.summary()}\n```\n"
     pics = "\n".join(f"- {p.relative_to(out)}" for p in pictures)
     return f"""# unipan demo: {model} on the synthetic dataset
 
-Trained for {train_s / 60:.1f} minutes on {torch.get_num_threads()} CPU threads.
+Trained for {train_s / 60:.1f} minutes on {torch.get_num_threads()} CPU threads. Every number is
+measured at the images' original size against their original ground truth.
 
 | | PQ | SQ | RQ | classes |
 | --- | --- | --- | --- | --- |
 {rows}
-{miou}
+{semantic_and_ap}
 - loss curve: {(Path(run_dir) / "loss_curve.png").relative_to(out)}
 - checkpoint: {(Path(run_dir) / "model_final.pth").relative_to(out)}
 - metrics: {(Path(run_dir) / "metrics.jsonl").relative_to(out)}
-- predictions (COCO-panoptic PNG + JSON): predictions/
-- evaluation in `unipan pq --json` form: report.json
+- predictions (COCO-panoptic PNG + JSON, COCO instance results): predictions/
+- evaluation in `unipan pq --json` form, with both mIoUs and the COCO AP: report.json
 
 Pictures (ground truth | prediction):
 {pics}

@@ -5,7 +5,9 @@
   `segment_stats` (on an id map with listed segment ids), `with_stats`;
 - geometry of results: `nearest_source_index` (shared with the data pipeline, so that a result
   mapped back lands on the pixels its image came from), `resize_result`, `crop_result`;
-- building a result from a per-pixel choice of segments: `compose_panoptic`, `stuff_mean_probs`.
+- building a result from a per-pixel choice of segments: `compose_panoptic`, `stuff_mean_probs`;
+- area thresholds given in original-image pixels, for a map at the network input size:
+  `area_at_input_size`.
 
 Layering: this module imports only `unipan.structures` (and torch); fusion, data, io, engine and
 the predictor import it.
@@ -30,6 +32,7 @@ from unipan.structures import _label_stats as label_stats
 
 __all__ = [
     "SEM_SPACES",
+    "area_at_input_size",
     "compose_panoptic",
     "crop_result",
     "label_stats",
@@ -268,6 +271,35 @@ def crop_result(result: PanopticResult, size: tuple[int, int]) -> PanopticResult
         raise ValueError(f"image {result.image_id!r}: {e}") from None
 
 
+def area_at_input_size(area: float, input_size: tuple[int, int], original_size: tuple[int, int] | None = None) -> float:
+    """An area in original-image pixels, expressed in pixels of the (h, w) network input.
+
+    Area thresholds of the fusions (the stuff area: 4096 on COCO, 2048 on Cityscapes) are given in
+    pixels of the image file, as detectron2 and the official UPSNet apply them. The fusions run at
+    the input size, so they compare their pixel counts with `area * (h * w) / (H * W)`: a region of
+    a pixels at the input size covers about a * (H * W) / (h * w) pixels of the file once its
+    result is resized back (`resize_result`).
+
+    Args:
+        area: the threshold in original pixels.
+        input_size: (h, w) where the fusion counts pixels.
+        original_size: (H, W) of the image file; None (or the input size itself) = no scaling.
+
+    Returns:
+        The threshold in input pixels (a float: compare counts with `>=`); exactly `area` when
+        the sizes are equal.
+    """
+    if original_size is None:
+        return float(area)
+    h, w = int(input_size[0]), int(input_size[1])
+    big_h, big_w = int(original_size[0]), int(original_size[1])
+    if (h, w) == (big_h, big_w):
+        return float(area)
+    if big_h < 1 or big_w < 1:
+        raise ValueError(f"original size {tuple(original_size)} must be at least 1 x 1")
+    return float(area) * (h * w) / (big_h * big_w)
+
+
 # --- composing a result --------------------------------------------------------------------------
 def stuff_mean_probs(sem_logits: Tensor, key: Tensor, num_stuff: int) -> Tensor:
     """Mean softmax probability of each stuff class over the pixels whose key is that class.
@@ -300,7 +332,7 @@ def compose_panoptic(
     instance_class: Tensor,
     scores: Tensor,
     meta: DatasetMeta,
-    stuff_area: int,
+    stuff_area: float,
     unknown: bool = True,
     sem_logits: Tensor | None = None,
 ) -> tuple[Tensor, list[SegmentInfo]]:
@@ -318,7 +350,8 @@ def compose_panoptic(
             index (< S) for an instance relabelled to stuff.
         scores: FloatTensor[N] detection scores.
         meta: the dataset's classes.
-        stuff_area: minimum stuff segment area in pixels.
+        stuff_area: minimum stuff segment area in pixels of `z_index` (a threshold in original
+            pixels goes through `area_at_input_size` first).
         unknown: whether the last channel is the unknown class.
         sem_logits: FloatTensor[C, h, w]: when given, a stuff segment's score is the mean softmax
             probability of its class over its pixels (`stuff_mean_probs`, one more pass over all

@@ -54,9 +54,7 @@ def _instance_ids() -> np.ndarray:
     return m
 
 
-def make_gtfine(
-    root: Path, instance_ids: np.ndarray | None = None, photo_size: tuple[int, int] | None = None
-) -> None:
+def make_gtfine(root: Path, instance_ids: np.ndarray | None = None, photo_size: tuple[int, int] | None = None) -> None:
     ids = _instance_ids() if instance_ids is None else instance_ids
     gt = root / "gtFine/val/testcity"
     photos = root / "leftImg8bit/val/testcity"
@@ -124,10 +122,7 @@ def test_convert_train_ids(tmp_path: Path) -> None:
     )
     assert json_path.name == "cityscapes_panoptic_val_trainId.json"
     assert (tmp_path / "out/cityscapes_panoptic_val_trainId" / f"{STEM}_gtFine_panoptic.png").is_file()
-    segs = {
-        s["id"]: s["category_id"]
-        for s in json.loads(json_path.read_text())["annotations"][0]["segments_info"]
-    }
+    segs = {s["id"]: s["category_id"] for s in json.loads(json_path.read_text())["annotations"][0]["segments_info"]}
     # segment ids stay label-id based; only category ids change
     assert segs == {7: 0, 23: 10, 24: 11, 26: 13, 24000: 11, 24001: 11}
 
@@ -135,9 +130,7 @@ def test_convert_train_ids(tmp_path: Path) -> None:
 def test_load_converted(tmp_path: Path) -> None:
     make_gtfine(tmp_path)
     json_path = cityscapes_to_coco_panoptic(tmp_path / "gtFine", tmp_path / "leftImg8bit", tmp_path / "out")
-    ds = CocoPanopticDataset(
-        tmp_path / "leftImg8bit/val", tmp_path / "out/cityscapes_panoptic_val", json_path
-    )
+    ds = CocoPanopticDataset(tmp_path / "leftImg8bit/val", tmp_path / "out/cityscapes_panoptic_val", json_path)
     t = ds[0].target
     src = _instance_ids()
     assert t.instance_ids.tolist() == [24000, 24001] and t.labels.tolist() == [0, 0]
@@ -156,9 +149,7 @@ def test_load_official_file_name_quirk(tmp_path: Path) -> None:
     d = json.loads(json_path.read_text())
     d["images"][0]["file_name"] = f"{STEM}_gtFine_leftImg8bit.png"
     json_path.write_text(json.dumps(d))
-    ds = CocoPanopticDataset(
-        tmp_path / "leftImg8bit/val", tmp_path / "out/cityscapes_panoptic_val", json_path
-    )
+    ds = CocoPanopticDataset(tmp_path / "leftImg8bit/val", tmp_path / "out/cityscapes_panoptic_val", json_path)
     assert ds.image_path(0) == tmp_path / f"leftImg8bit/val/testcity/{STEM}_leftImg8bit.png"
 
 
@@ -177,9 +168,7 @@ def test_convert_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=f"{STEM}_leftImg8bit.png"):
         cityscapes_to_coco_panoptic(tmp_path / "c/gtFine", tmp_path / "c/leftImg8bit", tmp_path / "c/out")
     with pytest.raises(FileNotFoundError, match="instanceIds"):
-        cityscapes_to_coco_panoptic(
-            tmp_path / "c/gtFine", tmp_path / "c/leftImg8bit", tmp_path / "c/out", "train"
-        )
+        cityscapes_to_coco_panoptic(tmp_path / "c/gtFine", tmp_path / "c/leftImg8bit", tmp_path / "c/out", "train")
 
 
 def test_real_fixture(shared_data: Path, tmp_path: Path) -> None:

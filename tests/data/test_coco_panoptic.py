@@ -57,7 +57,7 @@ def _segments(ids: np.ndarray) -> list[dict]:
 
 def _photo(ids: np.ndarray) -> np.ndarray:
     rng = np.random.default_rng(int(ids.sum()) % 1000)
-    return rng.integers(0, 256, size=ids.shape + (3,), dtype=np.uint8)
+    return rng.integers(0, 256, size=(*ids.shape, 3), dtype=np.uint8)
 
 
 def make_fixture(root: Path, edit=None) -> tuple[Path, Path, Path]:
@@ -169,9 +169,7 @@ def _segs(d: dict, k: int = 0) -> list[dict]:
 def test_png_id_missing_from_json(tmp_path: Path) -> None:
     paths = make_fixture(tmp_path, lambda d: _segs(d).pop(0))
     ds = CocoPanopticDataset(*paths, validate=False)  # even without validation: no target without it
-    with pytest.raises(
-        ValueError, match=rf"image '1': segment ids \[{PERSON}\] of panoptic PNG .*a.png are missing"
-    ):
+    with pytest.raises(ValueError, match=rf"image '1': segment ids \[{PERSON}\] of panoptic PNG .*a.png are missing"):
         ds[0]
 
 
@@ -179,9 +177,7 @@ def test_json_segment_missing_from_png(tmp_path: Path) -> None:
     extra = {"id": 4242, "category_id": 3, "iscrowd": 0, "area": 5, "bbox": [0, 0, 1, 1]}
     paths = make_fixture(tmp_path, lambda d: _segs(d, 1).append(extra))
     ds = CocoPanopticDataset(*paths)
-    with pytest.raises(
-        ValueError, match=r"image '2': JSON segments \[4242\] do not appear in panoptic PNG .*b.png"
-    ):
+    with pytest.raises(ValueError, match=r"image '2': JSON segments \[4242\] do not appear in panoptic PNG .*b.png"):
         ds[1]
     lenient = CocoPanopticDataset(*paths, validate=False)
     assert 4242 not in {s.id for s in lenient[1].target.segments}
@@ -203,9 +199,7 @@ def test_photo_and_png_sizes_differ(tmp_path: Path) -> None:
     images, panoptic, json_path = make_fixture(tmp_path)
     Image.fromarray(np.zeros((H, W + 1, 3), np.uint8)).save(images / "b.png")
     ds = CocoPanopticDataset(images, panoptic, json_path)
-    with pytest.raises(
-        ValueError, match=r"image '2': photo .*b.png is 12x17 but panoptic PNG .*b.png is 12x16"
-    ):
+    with pytest.raises(ValueError, match=r"image '2': photo .*b.png is 12x17 but panoptic PNG .*b.png is 12x16"):
         ds[1]
 
 
@@ -224,9 +218,7 @@ def test_json_size_and_area_disagree_with_png(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"image '2': the JSON says 13x16 but panoptic PNG .* is 12x16"):
         ds[1]
     ds = CocoPanopticDataset(*make_fixture(tmp_path / "a", lambda d: _segs(d)[1].update(area=3)))
-    with pytest.raises(
-        ValueError, match=rf"image '1', segment {CAR}: JSON area 3 but the panoptic PNG .* has 24"
-    ):
+    with pytest.raises(ValueError, match=rf"image '1', segment {CAR}: JSON area 3 but the panoptic PNG .* has 24"):
         ds[0]
 
 
@@ -247,9 +239,7 @@ def test_missing_files(tmp_path: Path) -> None:
     images, panoptic, json_path = make_fixture(tmp_path)
     (images / "a.png").unlink()
     (panoptic / "b.png").unlink()
-    with pytest.raises(
-        FileNotFoundError, match=r"2 files missing:\n  image 1: photo a.png not found"
-    ) as info:
+    with pytest.raises(FileNotFoundError, match=r"2 files missing:\n  image 1: photo a.png not found") as info:
         CocoPanopticDataset(images, panoptic, json_path)
     assert "image 2: panoptic PNG" in str(info.value)
     ds = CocoPanopticDataset(images, panoptic, json_path, validate=False)
@@ -266,9 +256,7 @@ def test_missing_files(tmp_path: Path) -> None:
 def coco_samples(shared_data: Path) -> tuple[CocoPanopticDataset, list[Sample]]:
     """The two panopticapi sample images, loaded once (decoding them is the slow part)."""
     root = shared_data / "panopticapi/sample_data"
-    ds = CocoPanopticDataset(
-        root / "input_images", root / "panoptic_examples", root / "panoptic_examples.json"
-    )
+    ds = CocoPanopticDataset(root / "input_images", root / "panoptic_examples", root / "panoptic_examples.json")
     return ds, [ds[i] for i in range(len(ds))]
 
 
@@ -288,9 +276,7 @@ def test_real_panopticapi_samples(shared_data: Path, coco_samples) -> None:
         assert len(t) == len(things)
         assert t.labels.tolist() == [ds.meta.thing_index(s["category_id"]) for s in things]
         assert t.masks.sum(dim=(1, 2)).tolist() == [s["area"] for s in things]
-        assert [[x0, y0, x1 - x0, y1 - y0] for x0, y0, x1, y1 in t.boxes.int().tolist()] == [
-            s["bbox"] for s in things
-        ]
+        assert [[x0, y0, x1 - x0, y1 - y0] for x0, y0, x1, y1 in t.boxes.int().tolist()] == [s["bbox"] for s in things]
         assert int(t.crowd.sum()) == sum(s["area"] for s in segs if s["iscrowd"])
         # every non-crowd segment's pixels carry its class; the rest is ignore
         per_class = Counter()
@@ -315,9 +301,7 @@ def test_real_samples_pq_oracle(shared_data: Path, tmp_path: Path, coco_samples)
         pred = write_panoptic_prediction(tmp_path, ann.image_id, ann.file_name, t.panoptic, t.segments)
         pairs.append((json.loads(json.dumps(ann.to_coco_dict())), pred.to_coco_dict()))
     categories = {c["id"]: c for c in pj.categories}
-    stat = evaluation.pq_compute_single_core(
-        0, pairs, str(root / "panoptic_examples"), str(tmp_path), categories
-    )
+    stat = evaluation.pq_compute_single_core(0, pairs, str(root / "panoptic_examples"), str(tmp_path), categories)
     result, _ = stat.pq_average(categories, isthing=None)
     evaluated = {s.category_id for a in pj.annotations for s in a.segments if not s.iscrowd}
     assert result["pq"] == pytest.approx(1.0) and result["n"] == len(evaluated) == 8

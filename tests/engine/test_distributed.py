@@ -79,7 +79,8 @@ def test_two_processes_match_one_process(tmp_path: Path) -> None:
     for ea, eb in evals:
         # PQ statistics summed across ranks equal the single-process statistics
         assert eb["num_images"] == ea["num_images"] == 4
-        for k in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st"):
+        # and so do the confusion matrices and the gathered COCO records
+        for k in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st", "mIoU_pan", "mIoU_sem", "mask_AP", "box_AP"):
             assert eb[k] == pytest.approx(ea[k], abs=1e-6), k
     log = (two / "log.txt").read_text()
     assert "batch 4 (2 per process x 2)" in log

@@ -57,9 +57,7 @@ def ensure_synthetic(cfg: DataConfig, split: str, root: Path) -> Path:
     return Path(json_path)
 
 
-def build_dataset(
-    cfg: DataConfig, split: str, is_train: bool, output_dir: str | Path | None = None
-) -> Dataset[Sample]:
+def build_dataset(cfg: DataConfig, split: str, is_train: bool, output_dir: str | Path | None = None) -> Dataset[Sample]:
     """The dataset of one split with the transforms of training or testing.
 
     Args:
@@ -69,7 +67,9 @@ def build_dataset(
         output_dir: run folder, used to place the synthetic set when cfg.synth_root is empty.
 
     Returns:
-        A Dataset of `Sample`s with a `.meta` attribute (DatasetMeta).
+        A Dataset of `Sample`s with a `.meta` attribute (DatasetMeta) and `original_panoptic(i)`
+        (the untransformed ground truth the evaluator measures against,
+        `unipan.data.common.HasOriginalPanoptic`).
     """
     from unipan.data.coco_panoptic import CocoPanopticDataset
     from unipan.data.transforms import build_transforms

@@ -120,10 +120,8 @@ def _read_instance_ids(path: Path) -> np.ndarray:
     return arr.astype(np.int32)
 
 
-def _convert_one(
-    instance_ids: np.ndarray, path: Path, use_train_id: bool
-) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """instanceIds map -> (panoptic id map int32[H, W], segments_info dicts)."""
+def _convert_one(instance_ids: np.ndarray, path: Path, use_train_id: bool) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """InstanceIds map -> (panoptic id map int32[H, W], segments_info dicts)."""
     panoptic = np.zeros(instance_ids.shape, dtype=np.int32)
     kept: list[tuple[int, int, bool]] = []  # (segment id, category id, crowd)
     for value in np.unique(instance_ids).tolist():
@@ -202,8 +200,7 @@ def cityscapes_to_coco_panoptic(
         photo_size = image_size(photo)  # FileNotFoundError names the photo
         if photo_size != (h, w):
             raise ValueError(
-                f"image {image_id!r}: photo {photo} is {photo_size[0]}x{photo_size[1]} "
-                f"but {gt_path} is {h}x{w}"
+                f"image {image_id!r}: photo {photo} is {photo_size[0]}x{photo_size[1]} but {gt_path} is {h}x{w}"
             )
         panoptic, segments = _convert_one(instance_ids, gt_path, use_train_id)
         png_name = f"{image_id}_gtFine_panoptic.png"

@@ -203,8 +203,7 @@ class CocoPanopticDataset(torch.utils.data.Dataset[Sample]):
         not_in_png = sorted(set(by_id) - set(area_in_png))
         if not_in_png:
             raise ValueError(
-                f"image {image_id!r}: JSON segments {not_in_png[:10]} do not appear in "
-                f"panoptic PNG {png_path}"
+                f"image {image_id!r}: JSON segments {not_in_png[:10]} do not appear in panoptic PNG {png_path}"
             )
         for seg in ann.segments:
             # area 0 means "not given" (prediction-style files); panopticapi trusts the JSON area
@@ -222,6 +221,27 @@ class CocoPanopticDataset(torch.utils.data.Dataset[Sample]):
                     f"image {image_id!r}: the JSON says {expected[0]}x{expected[1]} but panoptic PNG "
                     f"{png_path} is {ids.shape[0]}x{ids.shape[1]} (HxW)"
                 )
+
+    def original_panoptic(self, i: int) -> tuple[np.ndarray, list[SegmentInfo]]:
+        """Item i's panoptic PNG and JSON segments, untransformed (`HasOriginalPanoptic`).
+
+        Reads the PNG only (not the photo): evaluation calls this for items whose input size
+        differs from the file's. The checks of `load_raw` ran on the same files in `__getitem__`.
+
+        Returns:
+            ids int32[H, W] (0 = void) and the annotation's segments.
+        """
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} items")
+        ann = self.annotations[i]
+        png_path = self.panoptic_path(i)
+        try:
+            ids = read_id_png(png_path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"image {ann.image_id!r}: panoptic PNG {png_path} not found") from None
+        except ValueError as e:
+            raise ValueError(f"image {ann.image_id!r}: {e}") from e
+        return ids, list(ann.segments)
 
     def __getitem__(self, i: int) -> Sample:
         image, ids, segments, image_id = self.load_raw(i)

@@ -27,9 +27,7 @@ def collate(samples: list[Sample], size_divisibility: int = 32) -> Batch:
         raise ValueError("cannot collate an empty list of samples")
     for s in samples:
         if s.image.ndim != 3 or s.image.shape[0] != 3:
-            raise ValueError(
-                f"image {s.image_id!r}: expected FloatTensor[3, H, W], got {tuple(s.image.shape)}"
-            )
+            raise ValueError(f"image {s.image_id!r}: expected FloatTensor[3, H, W], got {tuple(s.image.shape)}")
     sizes = [(int(s.image.shape[1]), int(s.image.shape[2])) for s in samples]
     max_h = max(h for h, _ in sizes)
     max_w = max(w for _, w in sizes)

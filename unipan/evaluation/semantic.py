@@ -275,7 +275,7 @@ class SemSegResult:
 def miou(
     gt: Tensor | np.ndarray, pred: Tensor | np.ndarray, num_classes: int, ignore_label: int = IGNORE_LABEL
 ) -> float:
-    """mIoU of one pair of label maps (convenience for tests and notebooks)."""
+    """MIoU of one pair of label maps (convenience for tests and notebooks)."""
     stat = SemSegStat(num_classes, ignore_label)
     stat.update(gt, pred)
     return stat.result().miou

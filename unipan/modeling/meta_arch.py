@@ -38,13 +38,23 @@ __all__ = [
 
 
 class Fusion(Protocol):
-    """A fusion with its settings bound: `fuse(raw, meta, image_id=...) -> PanopticResult`.
+    """A fusion with its settings bound: `fuse(raw, meta, image_id=..., original_size=...)`.
 
     The builder binds one with `functools.partial` (e.g. `partial(heuristic_fusion,
     **asdict(settings))`); any fusion whose inputs a model's `RawPrediction` carries will do.
+    It returns a PanopticResult at the input size of `raw`. `original_size` is the (H, W) of the
+    image file the input was resized from: area thresholds of a fusion (the stuff area, ...) are
+    in its pixels, as in the reference implementations (`unipan.segments.area_at_input_size`).
     """
 
-    def __call__(self, raw: RawPrediction, meta: DatasetMeta, *, image_id: str = "") -> PanopticResult: ...
+    def __call__(
+        self,
+        raw: RawPrediction,
+        meta: DatasetMeta,
+        *,
+        image_id: str = "",
+        original_size: tuple[int, int] | None = None,
+    ) -> PanopticResult: ...
 
 
 def check_batch(batch: Batch, size_divisibility: int) -> None:
@@ -231,10 +241,17 @@ class PanopticModel(nn.Module):
 
     @torch.no_grad()
     def predict(self, batch: Batch) -> list[PanopticResult]:
-        """Fuse each image's raw prediction; the raw prediction is attached to its result."""
+        """Fuse each image's raw prediction; the raw prediction is attached to its result.
+
+        The fusion gets each image's original size (`batch.original_sizes`, else its input size),
+        so that its area thresholds are in original pixels.
+        """
         results = []
-        for image_id, raw in zip(batch.image_ids, self.raw_predictions(batch), strict=True):
-            result = self.fuse(raw, self.meta, image_id=image_id)
+        original_sizes = batch.original_sizes or batch.image_sizes
+        raws = self.raw_predictions(batch)
+        for image_id, raw, original_size in zip(batch.image_ids, raws, original_sizes, strict=True):
+            size = (int(original_size[0]), int(original_size[1]))
+            result = self.fuse(raw, self.meta, image_id=image_id, original_size=size)
             result.raw = raw
             if not result.image_id:
                 result.image_id = image_id
