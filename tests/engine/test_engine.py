@@ -6,6 +6,7 @@ network), so resume equality can be checked bit for bit; `test_distributed.py` r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -78,6 +79,14 @@ class ToyPanoptic(Dataset[Sample]):
         return self.n
 
     def __getitem__(self, index: int) -> Sample:
+        img, pan, segments = self._raw(index)
+        return make_sample(img, pan, segments, self.meta, f"img{index:03d}", transform=self._transform)
+
+    def original_panoptic(self, index: int) -> tuple[np.ndarray, list[SegmentInfo]]:
+        _, pan, segments = self._raw(index)
+        return pan, segments
+
+    def _raw(self, index: int) -> tuple[np.ndarray, np.ndarray, list[SegmentInfo]]:
         rng = np.random.default_rng([self.seed, index])
         pan = np.zeros((SIZE, SIZE), dtype=np.int32)
         img = np.zeros((SIZE, SIZE, 3), dtype=np.uint8)
@@ -100,7 +109,7 @@ class ToyPanoptic(Dataset[Sample]):
         noise = rng.integers(0, 30, size=img.shape)
         img = np.clip(img.astype(np.int64) + noise, 0, 255).astype(np.uint8)
         segments = [s for s in segments if (pan == s.id).any()]
-        return make_sample(img, pan, segments, self.meta, f"img{index:03d}", transform=self._transform)
+        return img, pan, segments
 
     def _transform(self, image: Tensor, panoptic: Tensor) -> tuple[Tensor, Tensor]:
         if self.train and float(torch.rand(())) < 0.5:
@@ -108,7 +117,9 @@ class ToyPanoptic(Dataset[Sample]):
         return (image - 128.0) / 64.0, panoptic
 
 
-def connected_components_fusion(raw: RawPrediction, meta: DatasetMeta, *, image_id: str = "") -> PanopticResult:
+def connected_components_fusion(
+    raw: RawPrediction, meta: DatasetMeta, *, image_id: str = "", original_size: tuple[int, int] | None = None
+) -> PanopticResult:
     """Panoptic map of per-pixel "all"-space logits: one segment per stuff class present, one per
     connected component of each thing class (TinyModel's fusion)."""
     cls = raw.sem_logits.argmax(0).cpu().numpy()
@@ -189,7 +200,9 @@ class TinyModel(PanopticModel):
 def ground_truth_fusion(gt: dict[str, PanopticTarget]) -> Callable[..., PanopticResult]:
     """A fusion that answers with the ground truth of the image it is asked about."""
 
-    def fuse(raw: RawPrediction, meta: DatasetMeta, *, image_id: str = "") -> PanopticResult:
+    def fuse(
+        raw: RawPrediction, meta: DatasetMeta, *, image_id: str = "", original_size: tuple[int, int] | None = None
+    ) -> PanopticResult:
         t = gt[image_id]
         return PanopticResult(t.panoptic.clone(), [s for s in t.segments if not s.iscrowd], image_id)
 
@@ -314,6 +327,63 @@ def test_build_scheduler_and_optimizer_from_config() -> None:
         build_scheduler(cfg.solver, opt)
     with pytest.raises(ValueError, match="increasing"):
         WarmupStepLR(opt, steps=[5, 3])
+
+
+def test_bias_groups_lr_factor_and_weight_decay() -> None:
+    """detectron2-style bias settings: biases outside norm layers get their own lr and decay."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Conv2d(4, 2, 1))
+    default = build_optimizer(load_config().solver, model)
+    assert [g["name"] for g in default.param_groups] == ["decay", "no_decay"]  # the layout of old checkpoints
+    cfg = load_config(overrides=["solver.lr=0.1", "solver.bias_lr_factor=2.0", "solver.weight_decay_bias=0.0"])
+    opt = build_optimizer(cfg.solver, model)
+    by_name = {g["name"]: g for g in opt.param_groups}
+    assert [g["name"] for g in opt.param_groups] == ["decay", "no_decay", "bias"]  # the trainer logs group 0
+    assert {id(p) for p in by_name["bias"]["params"]} == {id(model[0].bias), id(model[2].bias)}
+    assert {id(p) for p in by_name["decay"]["params"]} == {id(model[0].weight), id(model[2].weight)}
+    assert (by_name["bias"]["lr"], by_name["bias"]["weight_decay"]) == (pytest.approx(0.2), 0.0)
+    assert (by_name["decay"]["lr"], by_name["decay"]["weight_decay"]) == (pytest.approx(0.1), 1e-4)
+    # the schedule scales every group's own base lr
+    scheduler = WarmupStepLR(opt, steps=[2], gamma=0.1, warmup_iters=0)
+    for _ in range(3):
+        opt.step()
+        scheduler.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.01, 0.01, 0.02])
+    # a bias decay alone (no lr factor) also separates the biases
+    only_decay = build_optimizer(load_config(overrides=["solver.weight_decay_bias=0.0"]).solver, model)
+    assert [g["name"] for g in only_decay.param_groups] == ["decay", "no_decay", "bias"]
+    with pytest.raises(ValueError, match="solver.bias_lr_factor"):
+        build_optimizer(load_config(overrides=["solver.bias_lr_factor=0"]).solver, model)
+
+
+def test_bias_groups_resume_exactly(tmp_path: Path) -> None:
+    """A bias group (2x lr, no decay) survives a crash: the resumed run equals the straight one bit for bit."""
+    meta = toy_meta()
+
+    def run(out: Path, crash_at: int = 0, resume: bool = False) -> object:
+        cfg = tiny_config(out)
+        cfg.solver.bias_lr_factor = 2.0
+        cfg.solver.weight_decay_bias = 0.0
+        torch.manual_seed(0)
+        return train(
+            cfg,
+            resume=resume,
+            model=TinyModel(meta, dropout=0.3, crash_at=crash_at),
+            train_set=ToyPanoptic(10, meta),
+            val_set=ToyPanoptic(2, meta, seed=99, train=False),
+            meta=meta,
+        )
+
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    run(straight)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(crashed, crash_at=5)
+    run(crashed, resume=True)
+    assert_same_weights(final_weights(straight), final_weights(crashed), atol=0)
+    a = torch.load(straight / "model_final.pth", weights_only=True)
+    b = torch.load(crashed / "model_final.pth", weights_only=True)
+    assert [g["name"] for g in a["optimizer"]["param_groups"]] == ["decay", "bias"]  # TinyModel has no norm
+    assert a["scheduler"] == b["scheduler"]
+    assert a["scheduler"]["base_lrs"][1] == pytest.approx(2 * a["scheduler"]["base_lrs"][0])
 
 
 # --- sampler --------------------------------------------------------------------------------------
@@ -628,7 +698,11 @@ def test_evaluate_oracle_gives_pq_100_and_writes_predictions(tmp_path: Path) -> 
     result = evaluate(OracleModel(val), val, meta, "cpu", batch_size=2, out_dir=tmp_path)
     assert result.metrics["PQ"] == pytest.approx(100.0)
     assert result.metrics["num_images"] == 5
-    assert result.metrics["mIoU"] == pytest.approx(100.0) and result.miou == pytest.approx(1.0)
+    assert result.metrics["mIoU_pan"] == pytest.approx(100.0) and result.miou_pan == pytest.approx(1.0)
+    # the test double's raw prediction is all-zero logits: its semantic head says class 0 everywhere
+    assert result.sem_space == "all" and result.miou_sem is not None and result.miou_sem < 1.0
+    # thing instances in the ground truth, no detection: COCO AP 0
+    assert result.metrics["mask_AP"] == 0.0 and result.metrics["box_AP"] == 0.0
     pred = load_json(result.predictions_json)
     assert len(pred["annotations"]) == 5 and len(pred["categories"]) == 4
     ann = pred["annotations"][0]
@@ -649,20 +723,52 @@ class HalfSizeToy(ToyPanoptic):
         return (image - 128.0) / 64.0, small
 
 
-def test_evaluate_writes_predictions_at_the_original_size(tmp_path: Path) -> None:
+def test_evaluate_measures_at_the_original_size_as_unipan_pq_does(tmp_path: Path) -> None:
+    """Predictions live at 16 x 16, files at 32 x 32: `evaluate` scores what it writes, at 32 x 32."""
     from unipan.engine.evaluator import evaluate
-    from unipan.io import load_json, read_id_png
+    from unipan.evaluation.pq import pq_compute_folders
+    from unipan.io import load_json, panoptic_segment_stats, read_id_png, write_id_png, write_panoptic_json
 
     meta = toy_meta()
     val = HalfSizeToy(3, meta, seed=5, train=False)
-    result = evaluate(OracleModel(val), val, meta, "cpu", out_dir=tmp_path)
-    assert result.metrics["PQ"] == pytest.approx(100.0)  # at the input size, against the resized GT
+    result = evaluate(OracleModel(val), val, meta, "cpu", out_dir=tmp_path / "pred")
+    # the half-size oracle loses pixels on the way down and back: not 100 at the original size
+    assert 50.0 < result.metrics["PQ"] < 100.0
+    gt_dir = tmp_path / "gt"
+    anns = []
+    for i in range(len(val)):
+        ids, segments = val.original_panoptic(i)
+        stats = panoptic_segment_stats(ids)  # the toy states no areas; a GT file does
+        segments = [dataclasses.replace(s, area=stats[s.id][0]) for s in segments]
+        write_id_png(gt_dir / f"img{i:03d}.png", ids)
+        anns.append(
+            {
+                "image_id": f"img{i:03d}",
+                "file_name": f"img{i:03d}.png",
+                "segments_info": [s.to_coco_dict() for s in segments],
+            }
+        )
+    write_panoptic_json(tmp_path / "gt.json", [], anns, meta.to_coco_categories())
+    files = pq_compute_folders(tmp_path / "gt.json", gt_dir, result.predictions_json, tmp_path / "pred" / "panoptic")
+    assert_same_numbers(result.pq.to_dict(), files.to_dict(), tol=1e-9)
     for ann in load_json(result.predictions_json)["annotations"]:
-        ids = read_id_png(tmp_path / "panoptic" / ann["file_name"])
+        ids = read_id_png(tmp_path / "pred" / "panoptic" / ann["file_name"])
         assert ids.shape == (SIZE, SIZE)
         listed = {s["id"]: s["area"] for s in ann["segments_info"]}
         present, counts = np.unique(ids[ids > 0], return_counts=True)
         assert listed == dict(zip(present.tolist(), counts.tolist(), strict=True))
+
+
+def assert_same_numbers(a: object, b: object, tol: float, where: str = "") -> None:
+    """Nested dicts/lists of numbers equal to `tol` (same keys, same structure)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same_numbers(a[k], b[k], tol, f"{where}/{k}")
+    elif isinstance(a, float | int) and isinstance(b, float | int):
+        assert abs(a - b) <= tol, (where, a, b)
+    else:
+        assert a == b, where
 
 
 def test_evaluate_rejects_predictions_of_the_wrong_size() -> None:
@@ -718,7 +824,7 @@ def test_config_built_panoptic_fpn_trains_and_resumes_exactly(tmp_path: Path) ->
     a, b = tmp_path / "a", tmp_path / "b"
     result = train(load_config(config, [*overrides, f"engine.output_dir={a}"]))
     assert result.checkpoint == a / "model_final.pth"
-    assert {"PQ", "PQ_th", "PQ_st", "mIoU"} <= set(result.final_metrics)
+    assert {"PQ", "PQ_th", "PQ_st", "mIoU_pan", "mIoU_sem", "mask_AP", "box_AP"} <= set(result.final_metrics)
     assert result.final_metrics["num_images"] == 1
     assert {"loss_mask", "loss_rpn_objectness"} <= set(records(a)[0])  # the model's own loss names
     b.mkdir()

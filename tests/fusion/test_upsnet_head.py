@@ -211,11 +211,36 @@ def test_panoptic_targets_drop_instances_to_unknown() -> None:
     assert ignored[0, 4] == IGNORE_LABEL
 
 
+def test_crowd_pixels_are_unknown_in_the_panoptic_target() -> None:
+    """Released MaskMatching: thing-class pixels no kept instance covers (crowd too) are unknown."""
+    # S = 2 stuff classes; class 2 and 3 are things. Pixels (0, 4) and (1, 4) are a crowd of class 3
+    # (in sem_seg with their class, outside every instance), (1, 5) void.
+    sem_seg = torch.tensor([[0, 1, 2, 2, 3, 0], [1, 2, 3, 3, 3, 255]])
+    masks = torch.zeros(2, 2, 6, dtype=torch.bool)
+    masks[0, 0, 2:4] = True
+    masks[0, 1, 1] = True
+    masks[1, 1, 2:4] = True
+    imap = instance_index_map(masks)
+    both = panoptic_targets(sem_seg, imap, torch.tensor([True, True]), S)
+    assert both.tolist() == [[0, 1, 2, 2, 4, 0], [1, 2, 3, 3, 4, 255]]  # crowd -> unknown S + 2
+    one = panoptic_targets(sem_seg, imap, torch.tensor([False, True]), S)
+    assert one.tolist() == [[0, 1, 3, 3, 3, 0], [1, 3, 2, 2, 3, 255]]  # dropped and crowd -> S + 1
+    no_unknown = panoptic_targets(sem_seg, imap, torch.tensor([False, True]), S, unknown=False)
+    assert no_unknown.tolist() == [[0, 1, 255, 255, 255, 0], [1, 255, 2, 2, 255, 255]]
+    # crowd left at the ignore label (not trained) stays ignored
+    ignored_crowd = sem_seg.clone()
+    ignored_crowd[:, 4] = IGNORE_LABEL
+    assert panoptic_targets(ignored_crowd, imap, torch.tensor([True, True]), S)[:, 4].tolist() == [255, 255]
+
+
 def test_sample_kept_instances() -> None:
     gen = torch.Generator().manual_seed(0)
+    # the released code's max(int(0.7 * n), 1): floored, at least one; none of none
+    expected = [0, 1, 1, 2, 2, 3, 4, 4, 5, 6, 7, 7]
     for n in range(12):
         keep = sample_kept_instances(n, 0.7, gen)
-        assert keep.shape == (n,) and int(keep.sum()) == int(0.7 * n + 0.5)
+        assert keep.shape == (n,) and int(keep.sum()) == expected[n], n
+    assert int(sample_kept_instances(4, 0.0).sum()) == 1
     picks = {tuple(sample_kept_instances(10, 0.7, gen).tolist()) for _ in range(20)}
     assert len(picks) > 1  # random, not the first 70%
     assert bool(sample_kept_instances(5, 1.0).all())
@@ -245,7 +270,9 @@ def test_panoptic_loss_matches_manual_cross_entropy_and_reaches_both_heads() -> 
     target = panoptic_targets(sem_seg, imap, keep, S)
     logp = z.log_softmax(dim=0)
     valid = target != IGNORE_LABEL
-    manual = -logp.gather(0, torch.where(valid, target, 0)[None])[0][valid].mean()
+    assert not bool(valid.all())
+    # the released code's mean over all pixels, ignored ones counting 0 (reduce=False, then .mean())
+    manual = -(logp.gather(0, torch.where(valid, target, 0)[None])[0] * valid).sum() / valid.numel()
     torch.testing.assert_close(loss, manual)
     loss.backward()
     assert sem.grad is not None and bool((sem.grad != 0).any())

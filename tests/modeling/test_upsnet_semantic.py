@@ -28,15 +28,33 @@ def _features(batch: int, size: int, channels: int = 8, dtype: torch.dtype = tor
 
 
 def test_head_shapes_and_layer_widths() -> None:
-    head = UPSNetSemanticHead(in_shapes=SHAPES, num_classes=5, num_convs=3, mid_channels=6, out_channels=4)
+    """The released FCNSubNet: the next-to-last conv narrows, the last keeps the narrow width."""
+    head = UPSNetSemanticHead(in_shapes=SHAPES, num_classes=5, num_convs=3, mid_channels=8, out_channels=4)
     convs = [block.conv for block in head.subnet]
-    assert [(c.in_channels, c.out_channels) for c in convs] == [(8, 6), (6, 6), (6, 4)]
+    # COCO's 256->256, 256->128, 128->128 at 8 / 4 channels
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(8, 8), (8, 4), (4, 4)]
+    # each offset conv reads its layer's input
+    assert [b.offset.in_channels for b in head.subnet] == [8, 8, 4]
     assert all(block.offset is not None and block.offset.out_channels == 18 for block in head.subnet)
     logits, feature = head(_features(2, 32))
     assert logits.shape == (2, 5, 32, 32) and feature.shape == (2, 16, 32, 32)
     assert head.feature_channels == 16 and head.common_stride == 4
+    # Cityscapes' 256->128, 128->128: mid_channels is not used with two layers
     two = UPSNetSemanticHead(in_shapes=SHAPES, num_classes=5, num_convs=2, mid_channels=6, out_channels=4)
-    assert [(b.conv.in_channels, b.conv.out_channels) for b in two.subnet] == [(8, 6), (6, 4)]
+    assert [(b.conv.in_channels, b.conv.out_channels) for b in two.subnet] == [(8, 4), (4, 4)]
+    four = UPSNetSemanticHead(in_shapes=SHAPES, num_classes=5, num_convs=4, mid_channels=6, out_channels=4)
+    assert [(b.conv.in_channels, b.conv.out_channels) for b in four.subnet] == [(8, 6), (6, 6), (6, 4), (4, 4)]
+    one = UPSNetSemanticHead(in_shapes=SHAPES, num_classes=5, num_convs=1, out_channels=4)
+    assert [(b.conv.in_channels, b.conv.out_channels) for b in one.subnet] == [(8, 4)]
+
+
+def test_deformable_conv_init_is_kaiming_fan_in() -> None:
+    """Released code: kaiming_normal_ with its defaults (fan_in, gain sqrt 2), bias 0, offsets 0."""
+    torch.manual_seed(0)
+    block = DeformableConvBlock(64, 16)
+    std = float(block.conv.weight.std())
+    assert abs(std - (2.0 / (64 * 9)) ** 0.5) < 0.05 * (2.0 / (64 * 9)) ** 0.5, std
+    assert not block.conv.bias.detach().any() and not block.offset.weight.detach().any()
 
 
 def test_levels_are_upsampled_bilinearly_and_concatenated_in_order() -> None:
@@ -78,6 +96,9 @@ def test_deformable_head_gradcheck_float64(seed: int) -> None:
         # random offsets put the taps between pixels, where bilinear sampling is differentiable
         torch.nn.init.normal_(block.offset.weight, std=0.3)
         torch.nn.init.normal_(block.offset.bias, std=0.3)
+        # non-zero biases: where a layer's input is all zero (dead ReLUs) a zero bias would put
+        # the next ReLU exactly at its kink, where finite differences disagree with autograd
+        torch.nn.init.normal_(block.conv.bias, std=0.3)
     feats = _features(1, 8, channels=3, dtype=torch.float64, seed=seed)
     names = list(feats)
     params = {k: v.detach().clone().requires_grad_(True) for k, v in head.named_parameters()}
@@ -132,7 +153,10 @@ def test_roi_logits_and_loss() -> None:
     sem_segs[1][:, :10] = 1
     loss = semantic_roi_loss(head, feature, boxes, sem_segs, output_size=7)
     targets = torch.cat([roi_semantic_targets(s, b, 7) for s, b in zip(sem_segs, boxes, strict=True)])
-    torch.testing.assert_close(loss, F.cross_entropy(logits, targets, ignore_index=IGNORE_LABEL))
+    assert bool((targets == IGNORE_LABEL).any())
+    # the released code's mean over every cell, ignored cells counting 0 (reduce=False, then .mean())
+    per_cell = F.cross_entropy(logits, targets, ignore_index=IGNORE_LABEL, reduction="none")
+    torch.testing.assert_close(loss, per_cell.mean())
     loss.backward()
     assert feature.grad is not None and bool((feature.grad != 0).any())
     assert head.scorer.weight.grad is not None and bool((head.scorer.weight.grad != 0).any())

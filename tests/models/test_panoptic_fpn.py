@@ -59,6 +59,44 @@ def test_semantic_head_structure_and_shape() -> None:
         SemanticFPNHead(in_shapes=shapes, in_features=("p2", "p7"), num_classes=5)
 
 
+def test_semantic_predictor_init_is_c2_msra_fill() -> None:
+    """detectron2 fills the predictor like the tower convs: kaiming normal, fan_out (std sqrt(2 / C))."""
+    torch.manual_seed(0)
+    shapes = {f"p{k}": (32, 2**k) for k in range(2, 7)}
+    head = SemanticFPNHead(in_shapes=shapes, conv_dims=128, num_classes=54)
+    std = float(head.predictor.weight.std())
+    assert abs(std - math.sqrt(2 / 54)) < 0.05 * math.sqrt(2 / 54), std
+    assert not head.predictor.bias.detach().any()
+
+
+def test_crowd_trains_as_things_in_the_semantic_loss(monkeypatch: pytest.MonkeyPatch) -> None:
+    """detectron2's prepare_panoptic_fpn: crowd pixels are "things" (S), only void is ignored;
+    the logits reach the cross-entropy in float32 (here under the CPU's bfloat16 autocast)."""
+    import unipan.modeling.models.panoptic_fpn as pfpn_module
+
+    torch.manual_seed(0)
+    batch, meta = synth_batch(1, crowd_prob=1.0)
+    assert batch.targets is not None and bool(batch.targets[0].crowd.any())
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    real = pfpn_module.semantic_loss
+
+    def record(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        seen.append((logits, targets))
+        return real(logits, targets)
+
+    monkeypatch.setattr(pfpn_module, "semantic_loss", record)
+    model = build_model(tiny_config(), meta).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(batch)
+    ((logits, targets),) = seen
+    assert logits.dtype == torch.float32
+    t = batch.targets[0]
+    h, w = t.image_size
+    assert bool((targets[0, :h, :w][t.crowd] == meta.num_stuff).all())
+    void = (t.panoptic == 0) & ~t.crowd
+    assert bool((targets[0, :h, :w][void] == 255).all())
+
+
 def test_loss_weights() -> None:
     torch.manual_seed(0)
     batch, meta = synth_batch(1)
@@ -227,6 +265,10 @@ def test_paper_config_values() -> None:
     cityscapes = load_config(REPO / "configs" / "panoptic_fpn" / "r50_cityscapes.yaml")
     assert cityscapes.data.crop_size == [512, 1024] and cityscapes.data.scale_range == [0.5, 2.0]
     assert cityscapes.model.semantic.loss_weight == 1.0 and cityscapes.model.fusion.stuff_area == 2048
+    # detectron2 Base-RCNN-FPN: 1000 post-NMS proposals per image in training, 1000 in testing
+    for cfg in (coco, cityscapes):
+        rpn = cfg.model.rpn
+        assert (rpn.post_nms_top_n_train, rpn.post_nms_top_n_test, rpn.post_nms_per_level) == (1000, 1000, False)
 
 
 def test_r50_coco_parameter_count() -> None:

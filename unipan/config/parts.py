@@ -48,8 +48,13 @@ class BackboneConfig:
     # FPN output channels (256 in the papers)
     fpn_channels: int = 256
     # pyramid levels: p2-p6 (P6 = max-pool of P5, for RPN models) | p3-p7 (P6 from C5, P7 from
-    # P6, for RetinaNet models)
+    # P6, for RetinaNet models) | p2s8-p5, p2s8-p6, p2s8-p7 (SPINet: P2 at stride 8 = halved C2 +
+    # P3; P6 = 3x3/2 conv of P5, P7 = 3x3/2 conv of ReLU(P6))
     fpn_levels: str = "p2-p6"
+    # trunk stem: torchvision (one 7x7 conv, loads torchvision weights) | resnet_c (three 3x3 convs
+    # of base/2, base/2, base channels; He et al. 2019 "Bag of tricks") | deeplab (three 3x3 convs
+    # of base, base, 2 base channels; detectron2's DeepLabStem, res2 then reads 2 base channels)
+    stem: str = "torchvision"
 
 
 @dataclass
@@ -63,9 +68,13 @@ class RPNConfig:
     # proposals kept per level before NMS, training / testing
     pre_nms_top_n_train: int = 2000
     pre_nms_top_n_test: int = 1000
-    # proposals kept after NMS per image, training / testing
+    # proposals kept after NMS per image, training / testing (per level when post_nms_per_level)
     post_nms_top_n_train: int = 2000
     post_nms_top_n_test: int = 1000
+    # keep post_nms_top_n_* proposals of every level and no cap per image (official UPSNet's
+    # individual proposals: up to 5 x 2000 in training, 5 x 1000 in testing); false = torchvision's
+    # and detectron2's cap per image
+    post_nms_per_level: bool = False
     # NMS IoU threshold among proposals
     nms_thresh: float = 0.7
     # IoU above which an anchor is positive / below which negative
@@ -169,10 +178,14 @@ class SolverConfig:
 
     # images per iteration over all processes (divided evenly among them)
     batch_size: int = 16
-    # base learning rate, SGD momentum and weight decay
+    # base learning rate, SGD momentum and weight decay (norm layers' affine parameters: no decay)
     lr: float = 0.02
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    # biases (outside norm layers): lr x bias_lr_factor and weight decay weight_decay_bias (null =
+    # weight_decay); detectron2's BIAS_LR_FACTOR / WEIGHT_DECAY_BIAS; official UPSNet: 2.0 and 0.0
+    bias_lr_factor: float = 1.0
+    weight_decay_bias: float | None = None
     # total iterations
     max_iter: int = 90000
     # linear warmup: iterations, and the starting fraction of lr

@@ -151,16 +151,20 @@ class WarmupPolyLR(_WarmupLR):
 
 
 def build_optimizer(cfg: SolverConfig, model: nn.Module) -> torch.optim.SGD:
-    """SGD with momentum over the trainable parameters of `model`.
+    """SGD with momentum over the trainable parameters of `model`, in parameter groups.
 
     Weight decay applies to every trainable parameter except the affine parameters of
-    normalisation layers (BatchNorm/GroupNorm/LayerNorm/InstanceNorm); biases are decayed, as in
-    the reference Mask R-CNN and detectron2 setups. Frozen parameters (requires_grad False, e.g.
-    the stem under `freeze_at`) are left out.
+    normalisation layers (BatchNorm/GroupNorm/LayerNorm/InstanceNorm). Biases of the other
+    layers get lr x `cfg.bias_lr_factor` and weight decay `cfg.weight_decay_bias` (None = the
+    weight decay); with the defaults (1.0, None) they are decayed like the weights, as in the
+    reference Mask R-CNN and detectron2 setups, and share the weights' group. Frozen parameters
+    (requires_grad False, e.g. the stem under `freeze_at`) are left out.
 
     Returns:
-        an SGD optimizer with up to two parameter groups ("decay", "no_decay"), each carrying
-        its `name`.
+        an SGD optimizer with up to three parameter groups, in this order: "decay" (the base lr
+        and weight decay; the trainer logs its lr), "no_decay" (norm layers), "bias" (only when
+        biases differ from the weights), each carrying its `name`. A group's "lr" is its base
+        lr, which the schedulers scale.
 
     Raises:
         ValueError: bad solver values, or a model without trainable parameters.
@@ -171,20 +175,36 @@ def build_optimizer(cfg: SolverConfig, model: nn.Module) -> torch.optim.SGD:
         raise ValueError(f"solver.momentum must be in [0, 1), got {cfg.momentum}")
     if cfg.weight_decay < 0:
         raise ValueError(f"solver.weight_decay must be >= 0, got {cfg.weight_decay}")
+    if cfg.bias_lr_factor <= 0 or not math.isfinite(cfg.bias_lr_factor):
+        raise ValueError(f"solver.bias_lr_factor must be a positive number, got {cfg.bias_lr_factor}")
+    bias_decay = cfg.weight_decay if cfg.weight_decay_bias is None else cfg.weight_decay_bias
+    if bias_decay < 0:
+        raise ValueError(f"solver.weight_decay_bias must be >= 0, got {cfg.weight_decay_bias}")
+    # biases get their own group only when they differ: the default keeps the two-group layout
+    # (and so the optimizer state of checkpoints written before the bias settings existed)
+    separate_bias = cfg.bias_lr_factor != 1.0 or bias_decay != cfg.weight_decay
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
+    bias: list[nn.Parameter] = []
     seen: set[int] = set()
     for module in model.modules():
-        for param in module.parameters(recurse=False):
+        for name, param in module.named_parameters(recurse=False):
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
-            (no_decay if isinstance(module, _NORM_TYPES) else decay).append(param)
+            if isinstance(module, _NORM_TYPES):
+                no_decay.append(param)
+            elif separate_bias and name == "bias":
+                bias.append(param)
+            else:
+                decay.append(param)
     groups: list[dict[str, Any]] = []
     if decay:
-        groups.append({"params": decay, "weight_decay": cfg.weight_decay, "name": "decay"})
+        groups.append({"params": decay, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "decay"})
     if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
+        groups.append({"params": no_decay, "lr": cfg.lr, "weight_decay": 0.0, "name": "no_decay"})
+    if bias:
+        groups.append({"params": bias, "lr": cfg.lr * cfg.bias_lr_factor, "weight_decay": bias_decay, "name": "bias"})
     if not groups:
         raise ValueError(f"model {type(model).__name__} has no trainable parameters")
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)

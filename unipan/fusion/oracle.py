@@ -64,6 +64,8 @@ def oracle_raw_prediction(
         RawPrediction with sem_space "all", boxes/labels/scores/masks, and
         extras["full_mask_logits"] FloatTensor[N, h, w].
     """
+    # every tensor on the targets' device (CUDA targets must not meet CPU-made ones in a cat)
+    device = target.sem_seg.device
     sem_seg = target.sem_seg.clone()
     boxes, labels, masks = [target.boxes.float()], [target.labels], [target.masks]
     crowd_segments = [seg for seg in target.segments if seg.iscrowd]
@@ -73,11 +75,11 @@ def oracle_raw_prediction(
         if include_crowd and meta.isthing(seg.category_id):
             masks.append(region[None])
             boxes.append(masks_to_boxes(region[None]))
-            labels.append(torch.tensor([meta.thing_index(seg.category_id)]))
+            labels.append(torch.tensor([meta.thing_index(seg.category_id)], device=device))
     mask_t = torch.cat(masks)
     return RawPrediction(
         boxes=torch.cat(boxes),
-        scores=torch.ones(mask_t.shape[0]),
+        scores=torch.ones(mask_t.shape[0], device=device),
         labels=torch.cat(labels).long(),
         sem_logits=oracle_sem_logits(sem_seg, meta.num_classes, scale),
         masks=mask_t,

@@ -33,7 +33,7 @@ from torchvision.ops import nms
 
 from unipan.fusion.paste import box_pixel_windows, crop_full_mask_logits, paste_mask_logits
 from unipan.fusion.settings import PanopticHeadSettings
-from unipan.segments import compose_panoptic
+from unipan.segments import area_at_input_size, compose_panoptic
 from unipan.structures import IGNORE_LABEL, DatasetMeta, PanopticResult, RawPrediction
 
 __all__ = [
@@ -216,16 +216,18 @@ def panoptic_argmax(
 
 # --- training --------------------------------------------------------------------------------
 def sample_kept_instances(num_instances: int, keep_fraction: float, generator: torch.Generator | None = None) -> Tensor:
-    """Choose round(keep_fraction * N) of N ground-truth instances uniformly at random.
+    """Choose max(floor(keep_fraction * N), 1) of N >= 1 ground-truth instances uniformly at random.
 
     The rest are labelled unknown in the panoptic training target (paper Sec. 3.1: 30% dropped).
+    The count is the released code's `max(int(n * 0.7), 1)`: floored, at least one (none of none).
 
     Returns:
         BoolTensor[N], True for kept instances.
     """
     if not 0.0 <= keep_fraction <= 1.0:
         raise ValueError(f"keep_fraction must lie in [0, 1], got {keep_fraction}")
-    n_keep = math.floor(keep_fraction * num_instances + 0.5)
+    # the small epsilon keeps e.g. 0.7 * 10 = 6.9999999 from flooring to 6
+    n_keep = max(math.floor(keep_fraction * num_instances + 1e-9), 1) if num_instances > 0 else 0
     keep = torch.zeros(num_instances, dtype=torch.bool)
     if n_keep > 0:
         keep[torch.randperm(num_instances, generator=generator)[:n_keep]] = True
@@ -237,18 +239,23 @@ def panoptic_targets(
 ) -> Tensor:
     """Per-pixel target channel of Z for the panoptic cross-entropy.
 
+    As the released `MaskMatching`: every thing-class pixel that no kept instance covers is
+    unknown, the pixels of dropped instances and those of crowd regions alike, when `sem_seg`
+    labels crowd with its class (`PanopticTarget.sem_seg_with_crowd`).
+
     Args:
-        sem_seg: LongTensor[h, w] class index (stuff first), IGNORE_LABEL on void and crowd.
+        sem_seg: LongTensor[h, w] class index (stuff first), IGNORE_LABEL on void (and on crowd
+            when crowd is not trained).
         instance_map: LongTensor[h, w] GT instance index (`PanopticTarget.instance_index_map`),
             -1 elsewhere.
         keep: BoolTensor[N] GT instances that get a channel of Z, in GT order.
         num_stuff: S.
-        unknown: label the pixels of dropped instances with the unknown channel S + K (K kept
-            instances); when False they are ignored.
+        unknown: label thing pixels without a kept instance (dropped instances, crowd) with the
+            unknown channel S + K (K kept instances); when False they are ignored.
 
     Returns:
         LongTensor[h, w]: stuff index for stuff pixels, S + rank among kept instances for kept
-        instance pixels, S + K (or IGNORE_LABEL) for dropped ones, IGNORE_LABEL elsewhere.
+        instance pixels, S + K (or IGNORE_LABEL) for the other thing pixels, IGNORE_LABEL elsewhere.
     """
     if sem_seg.shape != instance_map.shape:
         raise ValueError(f"sem_seg {tuple(sem_seg.shape)} and instance map {tuple(instance_map.shape)} differ")
@@ -265,6 +272,8 @@ def panoptic_targets(
     target = torch.full_like(sem_seg, IGNORE_LABEL)
     is_stuff = (sem_seg >= 0) & (sem_seg < num_stuff)
     target[is_stuff] = sem_seg[is_stuff]
+    # thing pixels outside every GT instance (crowd): unknown like the dropped instances
+    target[(sem_seg >= num_stuff) & (sem_seg != IGNORE_LABEL)] = drop_label
     is_inst = instance_map >= 0
     if is_inst.any():
         target[is_inst] = inst_label[instance_map[is_inst]]
@@ -291,14 +300,17 @@ def panoptic_loss(
         boxes: FloatTensor[N, 4] GT boxes in pixels of that resolution.
         thing_labels: LongTensor[N] GT thing index.
         mask_logits: FloatTensor[N, M, M] mask-head logits of the GT class at the GT boxes.
-        sem_seg: LongTensor[h, w] class index target at that resolution (IGNORE_LABEL = 255).
+        sem_seg: LongTensor[h, w] class index target at that resolution (IGNORE_LABEL = 255;
+            crowd pixels carrying their class become unknown, see `panoptic_targets`).
         instance_map: LongTensor[h, w] GT instance index, -1 elsewhere.
         keep: BoolTensor[N] instances that get a channel (`sample_kept_instances`).
         num_stuff: S.
         unknown: predict the unknown class (dropped instances are its target).
 
     Returns:
-        Scalar FloatTensor; zero (with gradients) when no pixel has a target.
+        Scalar FloatTensor: the summed cross-entropy of the labelled pixels divided by the number
+        of all h x w pixels, ignored and padded ones included (the released code's `.mean()` of
+        the unreduced loss); zero (with gradients) when no pixel has a target.
     """
     h, w = sem_logits.shape[-2:]
     kept = torch.nonzero(keep.to(boxes.device)).flatten()
@@ -309,7 +321,9 @@ def panoptic_loss(
     target = panoptic_targets(sem_seg, instance_map, keep, num_stuff, unknown=unknown)
     if not (target != IGNORE_LABEL).any():
         return z.sum() * 0.0
-    return F.cross_entropy(z[None], target[None], ignore_index=IGNORE_LABEL)
+    # float32 for the softmax (Z is fp16 under autocast)
+    total = F.cross_entropy(z[None].float(), target[None], ignore_index=IGNORE_LABEL, reduction="sum")
+    return total / target.numel()
 
 
 # --- inference -------------------------------------------------------------------------------
@@ -457,6 +471,7 @@ def upsnet_fusion(
     meta: DatasetMeta,
     settings: PanopticHeadSettings | None = None,
     image_id: str = "",
+    original_size: tuple[int, int] | None = None,
 ) -> PanopticResult:
     """UPSNet inference: detections + semantic logits -> panoptic segmentation at (h, w).
 
@@ -471,6 +486,10 @@ def upsnet_fusion(
         meta: the dataset's classes.
         settings: inference settings; None = the paper's COCO defaults.
         image_id: copied to the result, and named in errors.
+        original_size: (H, W) of the image file; `settings.stuff_area` is in its pixels, as in
+            the official UPSNet, and is scaled to the input size here
+            (`unipan.segments.area_at_input_size`; `unipan.fusion.heuristic` says why the fusion
+            does not run at the original size instead). None = the input size.
 
     Returns:
         PanopticResult with `raw` attached.
@@ -528,7 +547,7 @@ def upsnet_fusion(
         instance_class,
         raw.scores[index],
         meta,
-        settings.stuff_area,
+        area_at_input_size(settings.stuff_area, (h, w), original_size),
         unknown=unknown,
         sem_logits=sem_logits if settings.stuff_scores else None,
     )

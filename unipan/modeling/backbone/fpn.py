@@ -30,9 +30,8 @@ class GlobalContext(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
+        # PyTorch's default Linear init, as the released code (`fpn_gap = nn.Linear(2048, 256)`)
         self.fc = nn.Linear(in_channels, out_channels)
-        nn.init.normal_(self.fc.weight, std=0.01)
-        nn.init.zeros_(self.fc.bias)
 
     def forward(self, res5: Tensor) -> Tensor:
         """FloatTensor[B, in, H, W] -> FloatTensor[B, out, 1, 1] (broadcasts over P5's lateral)."""

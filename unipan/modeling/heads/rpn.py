@@ -5,6 +5,10 @@ sampler, `filter_proposals`, `compute_loss`) with its own `forward`: it runs tho
 so that the RPN's features, objectness and deltas stay reachable (AUNet's proposal attention reads
 the features), and it takes unipan's inputs (a feature dict, image sizes, the padded size) instead
 of an `ImageList` of the images.
+
+Proposal filtering is torchvision's (top-n per level before NMS, NMS per level, then the best
+`post_nms_top_n` of the image), or, with `post_nms_per_level`, the official UPSNet's
+"individual proposals": the best `post_nms_top_n` of each level after its NMS, no cap per image.
 """
 
 from __future__ import annotations
@@ -12,10 +16,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
+from torchvision.ops import boxes as box_ops
 
 from unipan.config import RPNConfig
 from unipan.modeling.layers import require_features
@@ -31,7 +37,8 @@ class RPNOutputs:
     """Everything the RPN computed for a batch.
 
     Attributes:
-        proposals: per image FloatTensor[P, 4] xyxy proposals after NMS (P <= post_nms_top_n),
+        proposals: per image FloatTensor[P, 4] xyxy proposals after NMS (P <= post_nms_top_n, per
+            level with post_nms_per_level),
             detached (Faster R-CNN does not backpropagate through proposal coordinates).
         proposal_scores: per image FloatTensor[P] objectness probabilities of `proposals`.
         objectness: per level FloatTensor[B, A, Hl, Wl] objectness logits.
@@ -67,9 +74,12 @@ class RPN(RegionProposalNetwork):
         batch_size_per_image: anchors sampled per image for the loss.
         positive_fraction: positive fraction of those anchors.
         pre_nms_top_n: {"training": n, "testing": n} proposals kept per level before NMS.
-        post_nms_top_n: {"training": n, "testing": n} proposals kept per image after NMS.
+        post_nms_top_n: {"training": n, "testing": n} proposals kept per image after NMS (per
+            level with `post_nms_per_level`).
         nms_thresh: NMS IoU among proposals.
         score_thresh: minimum objectness probability of a proposal (0: torchvision's default).
+        post_nms_per_level: keep `post_nms_top_n` proposals of each level and no cap per image
+            (official UPSNet; up to levels x n proposals) instead of n per image.
 
     Raises:
         TypeError: when `head` is not an `RPNHead`-like module.
@@ -90,6 +100,7 @@ class RPN(RegionProposalNetwork):
         post_nms_top_n: dict[str, int],
         nms_thresh: float,
         score_thresh: float = 0.0,
+        post_nms_per_level: bool = False,
     ) -> None:
         if not all(hasattr(head, a) for a in ("conv", "cls_logits", "bbox_pred")):
             raise TypeError("the RPN head must be a torchvision RPNHead (with conv, cls_logits and bbox_pred)")
@@ -109,6 +120,55 @@ class RPN(RegionProposalNetwork):
             score_thresh=score_thresh,
         )
         self.in_features = list(in_features)
+        self.post_nms_per_level = bool(post_nms_per_level)
+
+    def filter_proposals(
+        self,
+        proposals: Tensor,
+        objectness: Tensor,
+        image_shapes: list[tuple[int, int]],
+        num_anchors_per_level: list[int],
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """Per image (FloatTensor[P, 4] boxes, FloatTensor[P] objectness probabilities), by score.
+
+        torchvision's filtering, or with `post_nms_per_level` the per-level budget (see the class).
+
+        Args:
+            proposals: FloatTensor[B, sum_l A_l, 4] decoded anchors, levels concatenated.
+            objectness: FloatTensor[B * sum_l A_l, 1] (or [B, sum_l A_l]) objectness logits.
+            image_shapes: per image (h, w) to clip to.
+            num_anchors_per_level: A_l.
+        """
+        if not self.post_nms_per_level:
+            return super().filter_proposals(proposals, objectness, image_shapes, num_anchors_per_level)
+        num_images = proposals.shape[0]
+        device = proposals.device
+        objectness = objectness.detach().reshape(num_images, -1)
+        level_of = torch.cat(
+            [torch.full((n,), k, dtype=torch.int64, device=device) for k, n in enumerate(num_anchors_per_level)]
+        )
+        top = self._get_top_n_idx(objectness, num_anchors_per_level)  # pre-NMS top-n of each level
+        rows = torch.arange(num_images, device=device)[:, None]
+        probs = torch.sigmoid(objectness[rows, top])
+        candidates = proposals[rows, top]
+        levels = level_of[top]
+        per_level = self.post_nms_top_n()
+        num_levels = len(num_anchors_per_level)
+        out_boxes: list[Tensor] = []
+        out_scores: list[Tensor] = []
+        for boxes, scores, lvl, shape in zip(candidates, probs, levels, image_shapes, strict=True):
+            boxes = box_ops.clip_boxes_to_image(boxes, shape)
+            keep = box_ops.remove_small_boxes(boxes, self.min_size)
+            keep = keep[scores[keep] >= self.score_thresh]
+            boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
+            keep = box_ops.batched_nms(boxes, scores, lvl, self.nms_thresh)  # by decreasing score
+            # rank of each survivor among its level's survivors; the best `per_level` of each stay
+            onehot = torch.nn.functional.one_hot(lvl[keep], num_levels)
+            rank = (onehot.cumsum(0) * onehot).sum(1) - 1
+            keep = keep[rank < per_level]
+            out_boxes.append(boxes[keep])
+            out_scores.append(scores[keep])
+        return out_boxes, out_scores
 
     def forward(
         self,
@@ -201,4 +261,5 @@ def build_rpn(
         pre_nms_top_n={"training": cfg.pre_nms_top_n_train, "testing": cfg.pre_nms_top_n_test},
         post_nms_top_n={"training": cfg.post_nms_top_n_train, "testing": cfg.post_nms_top_n_test},
         nms_thresh=cfg.nms_thresh,
+        post_nms_per_level=cfg.post_nms_per_level,
     )

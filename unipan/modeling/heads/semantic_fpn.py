@@ -2,7 +2,8 @@
 
 Each pyramid level p2..p5 goes through max(1, log2(stride / 4)) blocks of
 [3x3 conv, GroupNorm(32), ReLU, 2x bilinear upsampling unless already at stride 4]; the four
-stride-4 maps are summed and a 1x1 conv predicts the classes at stride 4.
+stride-4 maps are summed and a 1x1 conv predicts the classes at stride 4. Every conv, the
+predictor included, is initialised as detectron2's `c2_msra_fill` (kaiming normal, fan_out).
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ class SemanticFPNHead(nn.Module):
                     blocks.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
             self.scale_heads[name] = nn.Sequential(*blocks)
         self.predictor = nn.Conv2d(conv_dims, num_classes, kernel_size=1)
-        nn.init.normal_(self.predictor.weight, std=0.001)
+        # detectron2's c2_msra_fill, as for the tower convs (std sqrt(2 / num_classes))
+        nn.init.kaiming_normal_(self.predictor.weight, mode="fan_out", nonlinearity="relu")
         nn.init.zeros_(self.predictor.bias)  # type: ignore[arg-type]  # a Conv2d made with bias
 
     def layers(self, features: dict[str, Tensor]) -> Tensor:

@@ -2,12 +2,16 @@
 
 - One sub-network shared by P2-P5: `num_convs` deformable 3x3 convs with ReLU, no norm
   (DCNv1: offsets from a plain 3x3 conv with 2 * 3 * 3 = 18 channels, initialised to zero so
-  the head starts as a plain conv net); the first convs keep the input width, the last outputs
-  `out_channels` (256 -> 256 -> 128 in the released code).
+  the head starts as a plain conv net). Widths as the authors' released `FCNSubNet`: the
+  next-to-last conv narrows to `out_channels` and the last one keeps that width, the ones
+  before keep the input width: 256 -> 256, 256 -> 128, 128 -> 128 with 3 convs (COCO),
+  256 -> 128, 128 -> 128 with 2 (Cityscapes).
 - The P3-P5 outputs are bilinearly upsampled to P2's size and concatenated (4 x 128 = 512
   channels, the "semantic feature"); a 1x1 conv scores all S + T classes, stuff first.
 - RoI loss: RoIAlign (28 x 28) of the semantic feature at the GT boxes, through the same 1x1
-  scorer, cross-entropy against the GT semantic crop resized (nearest) to 28 x 28.
+  scorer, cross-entropy against the GT semantic crop resized (nearest) to 28 x 28, averaged
+  over all K x 28 x 28 cells, ignored ones included (the released code's unreduced loss
+  followed by `.mean()`).
 
 The COCO global context (GAP(res5) -> Linear, added to P5's lateral) is part of the backbone:
 `unipan.modeling.backbone.fpn.GlobalContext`.
@@ -24,7 +28,6 @@ from torchvision.ops import DeformConv2d, roi_align
 
 from unipan.modeling.layers import require_features
 from unipan.modeling.layers.deform_conv import deform_conv2d_any
-from unipan.modeling.layers.losses import semantic_loss
 from unipan.structures import IGNORE_LABEL
 
 __all__ = [
@@ -32,7 +35,21 @@ __all__ = [
     "UPSNetSemanticHead",
     "roi_semantic_targets",
     "semantic_roi_loss",
+    "semantic_subnet_widths",
 ]
+
+
+def semantic_subnet_widths(in_channels: int, num_convs: int, mid_channels: int, out_channels: int) -> list[int]:
+    """Channel widths [w_0, ..., w_n] of the n = `num_convs` layers (layer k goes w_k -> w_{k+1}).
+
+    The released `FCNSubNet`: the layer at index n - 2 narrows to `out_channels`, the last keeps
+    it; the layers before go to `mid_channels` (the released code keeps the input width).
+    """
+    if num_convs < 1:
+        raise ValueError(f"the semantic sub-network needs at least one conv, got num_convs={num_convs}")
+    if num_convs == 1:
+        return [in_channels, out_channels]
+    return [in_channels] + [mid_channels] * (num_convs - 2) + [out_channels, out_channels]
 
 
 class DeformableConvBlock(nn.Module):
@@ -60,7 +77,8 @@ class DeformableConvBlock(nn.Module):
         weight = self.conv.weight
         bias = self.conv.bias
         assert isinstance(weight, Tensor) and isinstance(bias, Tensor)
-        nn.init.kaiming_normal_(weight, mode="fan_out", nonlinearity="relu")
+        # the released code: kaiming_normal_ with its defaults (fan_in, gain sqrt(2)), bias 0
+        nn.init.kaiming_normal_(weight, mode="fan_in", nonlinearity="relu")
         nn.init.zeros_(bias)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -81,9 +99,11 @@ class UPSNetSemanticHead(nn.Module):
         num_classes: C = S + T (stuff first, then things: the class index space).
         in_features: the pyramid levels used, finest first (its stride is the output stride).
         num_convs: layers of the shared sub-network (3 on COCO, 2 on Cityscapes).
-        mid_channels: width of all but the last layer.
-        out_channels: width of the last layer (per level; the semantic feature has
-            len(in_features) * out_channels channels).
+        mid_channels: output width of the layers before the next-to-last one (the released
+            code keeps the input width there: 256; unused with 2 layers or fewer).
+        out_channels: output width of the last two layers (per level; the semantic feature has
+            len(in_features) * out_channels channels). Layer widths: in -> mid, ..., mid -> out,
+            out -> out; a single layer goes in -> out.
         deformable: DCNv1 layers (True) or plain 3x3 convs (ablation).
 
     Attributes:
@@ -119,7 +139,7 @@ class UPSNetSemanticHead(nn.Module):
         self.in_features = list(in_features)
         self.num_classes = num_classes
         self.common_stride = strides[0]
-        widths = [in_channels] + [mid_channels] * (num_convs - 1) + [out_channels]
+        widths = semantic_subnet_widths(in_channels, num_convs, mid_channels, out_channels)
         self.subnet = nn.Sequential(
             *(DeformableConvBlock(widths[k], widths[k + 1], deformable) for k in range(num_convs))
         )
@@ -171,15 +191,17 @@ class UPSNetSemanticHead(nn.Module):
         Returns:
             FloatTensor[sum K_i, C, output_size, output_size].
         """
+        # Boxes stay float32 (fp16 would round coordinates above 2048 to 2 px); RoIAlign runs in
+        # float32, as torchvision's autocast rule for it does anyway.
         pooled = roi_align(
-            feature,
-            [b.to(feature.dtype) for b in boxes],
+            feature.float(),
+            [b.float() for b in boxes],
             output_size=output_size,
             spatial_scale=1.0 / self.common_stride,
             sampling_ratio=2,
             aligned=True,
         )
-        return self.scorer(pooled)
+        return self.scorer(pooled.to(feature.dtype))
 
 
 def roi_semantic_targets(sem_seg: Tensor, boxes: Tensor, output_size: int = 28) -> Tensor:
@@ -226,12 +248,21 @@ def semantic_roi_loss(
         output_size: 28.
 
     Returns:
-        FloatTensor[] mean over the labelled RoI cells; 0 (keeping the graph) without any box.
+        FloatTensor[] the summed cross-entropy of the labelled cells divided by the number of all
+        cells (ignored ones included, as the released code's `.mean()` of the unreduced loss);
+        0 (keeping the graph) without any box.
     """
     if len(boxes) != len(sem_segs):
         raise ValueError(f"{len(boxes)} box sets for {len(sem_segs)} semantic maps")
     targets = torch.cat([roi_semantic_targets(s, b, output_size) for s, b in zip(sem_segs, boxes, strict=True)])
     if targets.shape[0] == 0:
         return feature.sum() * 0.0
-    logits = head.roi_logits(feature, boxes, output_size)
-    return semantic_loss(logits, targets)
+    # float32 logits for the cross-entropy (as detectron2 does under AMP)
+    logits = head.roi_logits(feature, boxes, output_size).float()
+    num_classes = logits.shape[1]
+    valid = targets != IGNORE_LABEL
+    if bool((valid & ((targets < 0) | (targets >= num_classes))).any()):
+        bad = int(targets[valid & ((targets < 0) | (targets >= num_classes))][0])
+        raise ValueError(f"RoI loss: semantic target {bad} out of range for {num_classes} classes")
+    total = F.cross_entropy(logits, targets, ignore_index=IGNORE_LABEL, reduction="sum")
+    return total / targets.numel()

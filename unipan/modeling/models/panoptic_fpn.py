@@ -1,7 +1,9 @@
 """Panoptic FPN (Kirillov, Girshick, He, Dollar 2019): Mask R-CNN + a light FPN semantic branch.
 
 The semantic branch predicts stuff classes plus one "things" class; instances come from Mask
-R-CNN; a heuristic fusion merges both into a panoptic id map.
+R-CNN; a heuristic fusion merges both into a panoptic id map. As detectron2's
+`prepare_panoptic_fpn.py`, crowd pixels train as "things" in the semantic cross-entropy (only
+void is ignored), and the logits are upsampled in float32 before it (AMP).
 """
 
 from __future__ import annotations
@@ -66,12 +68,14 @@ class PanopticFPN(PanopticModel):
         """Weighted training losses of `batch` (see the class docstring)."""
         assert batch.targets is not None
         padded_size = (int(batch.images.shape[-2]), int(batch.images.shape[-1]))
-        padded_sem_seg = batch.padded_sem_seg()
+        # crowd pixels carry their class, hence "things" below (detectron2 trains them so)
+        padded_sem_seg = batch.padded_sem_seg(crowd_meta=self.meta)
         check_sem_seg(padded_sem_seg, batch.image_ids, self.meta.num_classes)
         features = self.backbone(batch.images)
         instances = self.instance_branch.run(features, batch.image_sizes, padded_size, batch.targets)
         losses = {name: loss * self.instance_loss_weight for name, loss in instances.losses.items()}
-        sem_logits = upsample_logits(self.semantic_head(features), padded_size)
+        # float32 before the bilinear upsampling and the softmax (fp16 under autocast otherwise)
+        sem_logits = upsample_logits(self.semantic_head(features).float(), padded_size)
         sem_targets = to_semantic_space(padded_sem_seg, self.meta.num_stuff, "stuff+things")
         losses["loss_sem_seg"] = semantic_loss(sem_logits, sem_targets) * self.semantic_loss_weight
         return losses

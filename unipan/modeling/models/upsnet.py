@@ -6,8 +6,12 @@ and the parameter-free panoptic head.
 Training losses (weights from the config; COCO: semantic 0.2, RoI 0.04, panoptic 0.1):
 RPN objectness / box, box classifier / regression, mask (Mask R-CNN, weight 1), the semantic
 cross-entropy at input resolution, the RoI loss of the semantic head at the GT boxes, and the
-panoptic cross-entropy of Z built at stride 4 from GT boxes and classes (70% of the instances kept,
-the rest labelled unknown), whose gradients reach the semantic and mask heads.
+panoptic cross-entropy of Z built at stride 4 from GT boxes and classes (max(floor(0.7 N), 1) of
+the N instances kept; the pixels of the others and of crowd regions labelled unknown), whose
+gradients reach the semantic and mask heads. As in the released code, crowd pixels train as their
+thing class in the semantic and RoI losses, and the RoI and panoptic losses are averaged over all
+cells / pixels, ignored ones included. Every cross-entropy sees float32 logits (under AMP too),
+and GT boxes stay float32.
 
 Inference: detections -> class-agnostic NMS, score filter, top-k -> mask pruning -> argmax of Z
 at the input resolution -> unknown = void, instance class assignment, small stuff = void
@@ -32,6 +36,7 @@ from unipan.fusion.settings import PanopticHeadSettings
 from unipan.fusion.upsnet_head import panoptic_loss, sample_kept_instances, upsnet_fusion
 from unipan.modeling.backbone import FPN, build_backbone
 from unipan.modeling.heads.instance import InstanceBranch, build_instance_branch
+from unipan.modeling.heads.roi_mask import MaskHead
 from unipan.modeling.heads.upsnet_semantic import UPSNetSemanticHead, semantic_roi_loss
 from unipan.modeling.layers.losses import semantic_loss, upsample_logits
 from unipan.modeling.meta_arch import Fusion, PanopticModel, check_sem_seg
@@ -62,7 +67,8 @@ class UPSNet(PanopticModel):
         oracle_boxes: inference on GT boxes classified by the box head (Table 6, "GT Box").
         oracle_class_assignment: instances take the class of their GT box (IoU >= 0.5) and the
             class assignment heuristic is off ("GT ICA").
-        oracle_semantic: one-hot GT semantic logits replace the semantic head's ("GT Seg.").
+        oracle_semantic: one-hot GT semantic logits (crowd pixels with their class) replace
+            the semantic head's ("GT Seg.").
     """
 
     def __init__(
@@ -117,10 +123,12 @@ class UPSNet(PanopticModel):
         losses = {name: loss * self.instance_loss_weight for name, loss in instances.losses.items()}
 
         sem_logits, sem_feature = self.semantic_head(features)
-        padded_sem = batch.padded_sem_seg()
+        # crowd pixels carry their thing class (both reference implementations train them)
+        padded_sem = batch.padded_sem_seg(crowd_meta=self.meta)
         check_sem_seg(padded_sem, batch.image_ids, self.meta.num_classes)
+        # upsampled in float32: bilinear fp16 logits lose precision before the softmax under AMP
         losses["loss_sem_seg"] = (
-            semantic_loss(upsample_logits(sem_logits, padded_size), padded_sem) * self.semantic_loss_weight
+            semantic_loss(upsample_logits(sem_logits.float(), padded_size), padded_sem) * self.semantic_loss_weight
         )
         if self.roi_loss_weight > 0:
             roi = semantic_roi_loss(
@@ -143,7 +151,8 @@ class UPSNet(PanopticModel):
     ) -> Tensor:
         """Mean over images of the panoptic cross-entropy at the semantic logits' stride."""
         stride = self.semantic_head.common_stride
-        gt_boxes = [t.boxes.to(sem_logits.dtype) for t in targets]
+        # float32 boxes even under autocast: fp16 rounds coordinates above 2048 to 2 px
+        gt_boxes = [t.boxes.float() for t in targets]
         mask_logits, _ = self.instance_branch.forward_masks(features, gt_boxes, padded_size)
         per_image = mask_logits.split([int(b.shape[0]) for b in gt_boxes])
         hp, wp = padded_size
@@ -160,10 +169,10 @@ class UPSNet(PanopticModel):
             rows = torch.arange(n, device=sem_logits.device)
             own_logits = per_image[i][rows, t.labels] if n else per_image[i][:, 0]
             total = total + panoptic_loss(
-                sem_logits[i],
+                sem_logits[i].float(),
                 gt_boxes[i] / stride,
                 t.labels,
-                own_logits,
+                own_logits.float(),
                 padded_sem[i, centre::stride, centre::stride],
                 imap[centre::stride, centre::stride],
                 keep,
@@ -202,7 +211,9 @@ class UPSNet(PanopticModel):
             det = detections[i]
             if self.oracle_semantic:
                 assert targets is not None
-                logits = oracle_sem_logits(targets[i].sem_seg, self.meta.num_classes, ORACLE_LOGIT)
+                # crowd pixels show their class (the released code's GT segmentation labels them)
+                sem_gt = targets[i].sem_seg_with_crowd(self.meta)
+                logits = oracle_sem_logits(sem_gt, self.meta.num_classes, ORACLE_LOGIT)
                 logits = logits.to(sem_logits.dtype)
             else:
                 # one image at a time: the full-resolution logits of a batch would be B x C x Hp x Wp
@@ -225,7 +236,7 @@ class UPSNet(PanopticModel):
     ) -> Tensor:
         """FloatTensor[sum K, M, M] mask logits of each box's class (one image's boxes per list item)."""
         logits, _ = self.instance_branch.forward_masks(features, boxes, padded_size)
-        return self.instance_branch.mask_head.select_class(logits, torch.cat(labels))
+        return MaskHead.select_class(logits, torch.cat(labels))
 
     def _classify_gt_boxes(
         self,
@@ -234,7 +245,7 @@ class UPSNet(PanopticModel):
         padded_size: tuple[int, int],
     ) -> list[dict[str, Tensor]]:
         """GT-box oracle: the box head's most likely thing class and its probability for each GT box."""
-        boxes = [t.boxes.to(features["p2"].dtype) for t in targets]
+        boxes = [t.boxes.float() for t in targets]  # float32 under autocast too (RoIAlign casts)
         scores, labels = self.instance_branch.box_head.classify_boxes(features, boxes, padded_size)
         sizes = [int(b.shape[0]) for b in boxes]
         label_list = list(labels.split(sizes))
