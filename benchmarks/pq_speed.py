@@ -1,25 +1,28 @@
-"""PQ evaluation speed: unipan vs panopticapi vs hotcoco on one COCO-panoptic corpus.
+"""PQ evaluation speed of whole processes: `unipan pq` vs decoding alone, panopticapi and hotcoco.
 
 Builds (or reuses, under --cache) N images of H x W with 10-30 segments each (stuff regions,
 things, crowd regions, void), and a prediction made by perturbing the shapes the GT was drawn
-from (moved/resized shapes, missed, spurious and class-swapped segments, other ids). Then times:
+from (moved/resized shapes, missed, spurious and class-swapped segments, other ids). Then times
+whole processes, start-up included, as a user runs them:
 
-- decode only: reading both PNGs of every image and decoding them with the decoder unipan ships
-  (imagecodecs spng) into a reused buffer; the floor for any Python evaluator,
-- unipan `pq_compute_folders` with 1 and with --workers processes,
-- unipan `pq_compute_single` on id maps already decoded (training-time evaluation), per image,
-- panopticapi `pq_compute_single_core` in this process, and split over --workers processes as its
-  `pq_compute_multi_core` does,
-- hotcoco `pq_compute` (Rust) with 1 thread and with --workers threads (RAYON_NUM_THREADS, set
-  in a child process because rayon reads it once).
+- decode only: a Python process that reads both PNGs of every image and decodes them with the
+  decoder unipan ships (imagecodecs spng) into a reused buffer; the floor for a Python evaluator,
+- `unipan pq` with 1 and with --workers processes (the installed command),
+- panopticapi's `pq_compute` in one process (its `pq_compute_single_core` over all images, as
+  `pq_compute` does it with one core) and with --workers processes,
+- hotcoco `pq_compute` (Rust) with 1 thread and with --workers threads (RAYON_NUM_THREADS),
+- a bare `python -c pass`, for reference,
+
+and, in this process, unipan `pq_compute_single` on id maps already decoded (training-time
+evaluation), per image.
 
 It checks that all of them agree (to 1e-9) and prints a table and the ratios behind the targets:
-unipan 1 worker <= 1.3x decode-only and >= 3x faster than panopticapi; --workers processes
->= 1.7x faster than one; in-memory <= 1.5 ms per 480x640 image.
+unipan 1 worker <= 1.3x decode-only and >= 3x faster than panopticapi (1 process); --workers
+processes >= 1.7x faster than one; in-memory <= 1.5 ms per 480x640 image.
 
-Timings on a shared machine are noisy: each timing is the best of --repeat runs, decode-only and
-unipan alternate, and the CPU seconds (this process and its waited-for children) are printed next
-to the wall time, since they depend less on what else the machine runs.
+Timings on a shared machine are noisy: each timing is the best of --repeat runs, and decode-only
+and the unipan runs alternate, so that all see the same load; the load average is printed before
+and after, and the CPU seconds of each process next to its wall time.
 
     python benchmarks/pq_speed.py                 # 1000 images, 480x640
     python benchmarks/pq_speed.py --n 100 --skip panopticapi
@@ -28,12 +31,10 @@ to the wall time, since they depend less on what else the machine runs.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
-import multiprocessing
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,7 +46,7 @@ from typing import Any
 import imagecodecs
 import numpy as np
 
-from unipan.evaluation.pq import PQResult, PQStat, pq_compute_folders, pq_compute_single
+from unipan.evaluation.pq import PQStat, pq_compute_single
 from unipan.io import id2rgb, read_id_png
 
 THING_CATEGORIES = 40
@@ -58,6 +59,7 @@ STUFF_IDS = [c["id"] for c in CATEGORIES if not c["isthing"]]
 CORPUS_VERSION = 1
 DECODE = "decode only (spng, 2 PNGs/image)"
 IN_MEMORY = "unipan in-memory (decoded maps)"
+PYTHON = "python -c pass"
 
 
 # --- corpus ----------------------------------------------------------------------------------
@@ -87,7 +89,9 @@ def _draw(shapes: list[dict[str, Any]], stuff_seeds: np.ndarray, stuff_ids: list
     return ids
 
 
-def _make_image(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, list[dict], np.ndarray, list[dict]]:
+def _make_image(  # noqa: C901 - a scene generator written out step by step
+    rng: np.random.Generator, h: int, w: int
+) -> tuple[np.ndarray, list[dict], np.ndarray, list[dict]]:
     taken: set[int] = set()
 
     def new_id() -> int:
@@ -205,93 +209,90 @@ def build_corpus(root: Path, n: int, h: int, w: int, seed: int) -> dict[str, Pat
     return paths
 
 
-# --- timed methods ---------------------------------------------------------------------------
-def _cpu_seconds() -> float:
-    """CPU time of this process and of its waited-for children (pool workers, subprocesses)."""
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+# --- processes -------------------------------------------------------------------------------
+_DECODE_CHILD = r"""
+import os, sys
+import imagecodecs
+gt_dir, pred_dir = sys.argv[1], sys.argv[2]
+buf = None
+for name in sorted(os.listdir(gt_dir)):
+    for folder in (gt_dir, pred_dir):
+        with open(os.path.join(folder, name), "rb") as f:
+            data = f.read()
+        if buf is None:
+            buf = imagecodecs.spng_decode(data)
+        else:
+            imagecodecs.spng_decode(data, out=buf)
+"""
+
+_PANOPTICAPI_CHILD = r"""
+import contextlib, io, json, multiprocessing, sys
+import numpy as np
+from panopticapi.evaluation import PQStat, pq_compute_single_core
+gt_json, pred_json, gt_dir, pred_dir, workers = sys.argv[1:6]
+workers = int(workers)
+with open(gt_json) as f:
+    gt = json.load(f)
+with open(pred_json) as f:
+    pred = json.load(f)
+categories = {c["id"]: c for c in gt["categories"]}
+pred_by_image = {a["image_id"]: a for a in pred["annotations"]}
+matched = [(a, pred_by_image[a["image_id"]]) for a in gt["annotations"]]
+with contextlib.redirect_stdout(io.StringIO()):
+    if workers == 1:  # pq_compute's work in one process
+        stat = pq_compute_single_core(0, matched, gt_dir, pred_dir, categories)
+    else:  # pq_compute_multi_core with `workers` processes instead of cpu_count()
+        splits = np.array_split(np.array(matched, dtype=object), workers)
+        stat = PQStat()
+        with multiprocessing.Pool(processes=workers) as pool:
+            jobs = [pool.apply_async(pq_compute_single_core, (k, part, gt_dir, pred_dir, categories))
+                    for k, part in enumerate(splits)]
+            for job in jobs:
+                stat += job.get()
+result = {name: stat.pq_average(categories, isthing=isthing)[0]
+          for name, isthing in (("All", None), ("Things", True), ("Stuff", False))}
+print(json.dumps(result))
+"""
+
+_HOTCOCO_CHILD = r"""
+import contextlib, io, json, sys
+from hotcoco.panoptic import pq_compute
+a = sys.argv[1:]
+with contextlib.redirect_stdout(io.StringIO()):
+    r = pq_compute(a[0], a[1], a[2], a[3])
+print(json.dumps({k: r[k] for k in ("All", "Things", "Stuff")}))
+"""
 
 
-def _best_of(repeat: int, fn: Callable[[], Any]) -> tuple[float, float, Any]:
-    """(wall seconds, CPU seconds, result) of the run with the least wall time."""
-    best, best_cpu, out = float("inf"), float("inf"), None
-    for _ in range(repeat):
-        c0, t0 = _cpu_seconds(), time.perf_counter()
-        out = fn()
-        wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
-        if wall < best:
-            best, best_cpu = wall, cpu
-    return best, best_cpu, out
+def _children_cpu() -> float:
+    """CPU seconds of the waited-for child processes so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
-def decode_only(paths: dict[str, Path], anns: list[tuple[dict, dict]]) -> None:
-    """Read and decode both PNGs of every image with imagecodecs' spng, into one reused buffer."""
-    buf: np.ndarray | None = None
-    for gt_ann, pred_ann in anns:
-        for folder, ann in ((paths["gt_dir"], gt_ann), (paths["pred_dir"], pred_ann)):
-            data = (folder / ann["file_name"]).read_bytes()
-            if buf is None:
-                buf = imagecodecs.spng_decode(data)
-            else:
-                imagecodecs.spng_decode(data, out=buf)
+def run_process(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
+    """(wall seconds, CPU seconds, stdout) of one process run to its end; raises on failure."""
+    c0, t0 = _children_cpu(), time.perf_counter()
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall, cpu = time.perf_counter() - t0, _children_cpu() - c0
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return wall, cpu, out.stdout
+
+
+def unipan_command() -> list[str]:
+    """The installed `unipan` script beside this interpreter (not a version manager's shim)."""
+    script = Path(sys.executable).with_name("unipan")
+    if script.is_file():
+        return [str(script)]
+    found = shutil.which("unipan")
+    return [found] if found else [sys.executable, "-m", "unipan.cli"]
 
 
 def _matched(paths: dict[str, Path]) -> tuple[list[tuple[dict, dict]], dict[int, dict]]:
     gt = json.loads(paths["gt_json"].read_text())
     pred = {a["image_id"]: a for a in json.loads(paths["pred_json"].read_text())["annotations"]}
     return [(a, pred[a["image_id"]]) for a in gt["annotations"]], {c["id"]: c for c in gt["categories"]}
-
-
-def panopticapi_single(paths: dict[str, Path]) -> Any:
-    from panopticapi.evaluation import pq_compute_single_core
-
-    matched, categories = _matched(paths)
-    with contextlib.redirect_stdout(io.StringIO()):
-        return pq_compute_single_core(0, matched, str(paths["gt_dir"]), str(paths["pred_dir"]), categories)
-
-
-def panopticapi_multi(paths: dict[str, Path], workers: int) -> Any:
-    """panopticapi's pq_compute_multi_core with `workers` processes instead of cpu_count()."""
-    from panopticapi.evaluation import PQStat as RefStat
-    from panopticapi.evaluation import pq_compute_single_core
-
-    matched, categories = _matched(paths)
-    splits = np.array_split(np.array(matched, dtype=object), workers)
-    with contextlib.redirect_stdout(io.StringIO()), multiprocessing.Pool(processes=workers) as pool:
-        jobs = [
-            pool.apply_async(
-                pq_compute_single_core, (k, part, str(paths["gt_dir"]), str(paths["pred_dir"]), categories)
-            )
-            for k, part in enumerate(splits)
-        ]
-        total = RefStat()
-        for job in jobs:
-            total += job.get()
-    return total
-
-
-_HOTCOCO_CHILD = r"""
-import contextlib, io, json, sys, time
-from hotcoco.panoptic import pq_compute
-a = sys.argv[1:]
-with contextlib.redirect_stdout(io.StringIO()):
-    pq_compute(a[0], a[1], a[2], a[3])  # warm-up: the first call pays for loading the library
-    t0, c0 = time.perf_counter(), time.process_time()
-    r = pq_compute(a[0], a[1], a[2], a[3])
-    dt, dc = time.perf_counter() - t0, time.process_time() - c0
-print(json.dumps({"seconds": dt, "cpu": dc, "result": {k: r[k] for k in ("All", "Things", "Stuff")}}))
-"""
-
-
-def hotcoco_run(paths: dict[str, Path], threads: int) -> tuple[float, float, dict[str, Any]]:
-    env = {**os.environ, "RAYON_NUM_THREADS": str(threads)}
-    args = [str(paths[k]) for k in ("gt_json", "pred_json", "gt_dir", "pred_dir")]
-    out = subprocess.run(
-        [sys.executable, "-c", _HOTCOCO_CHILD, *args], env=env, check=True, capture_output=True, text=True
-    )
-    d = json.loads(out.stdout.strip().splitlines()[-1])
-    return d["seconds"], d["cpu"], d["result"]
 
 
 def in_memory(paths: dict[str, Path], anns: list[tuple[dict, dict]], repeat: int) -> tuple[float, float, int]:
@@ -305,15 +306,16 @@ def in_memory(paths: dict[str, Path], anns: list[tuple[dict, dict]], repeat: int
         )
         for g, p in anns
     ]
-
-    def run() -> PQStat:
+    best, best_cpu = float("inf"), float("inf")
+    for _ in range(repeat):
+        c0, t0 = time.process_time(), time.perf_counter()
         stat = PQStat()
         for gt, gs, pred, ps in decoded:
             stat += pq_compute_single(gt, gs, pred, ps, CATEGORIES)
-        return stat
-
-    wall, cpu, _ = _best_of(repeat, run)
-    return wall / len(decoded), cpu / len(decoded), len(decoded)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        if wall < best:
+            best, best_cpu = wall, cpu
+    return best / len(decoded), best_cpu / len(decoded), len(decoded)
 
 
 def _max_diff(ours: dict[str, Any], ref: dict[str, Any]) -> float:
@@ -325,21 +327,14 @@ def _max_diff(ours: dict[str, Any], ref: dict[str, Any]) -> float:
     return worst
 
 
-def _ref_result(stat: Any, categories: dict[int, dict]) -> dict[str, Any]:
-    return {
-        name: stat.pq_average(categories, isthing=isthing)[0]
-        for name, isthing in (("All", None), ("Things", True), ("Stuff", False))
-    }
-
-
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one benchmark per peer, in sequence
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1000, help="images (default 1000)")
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2, help="processes/threads of the parallel runs (default 2)")
-    parser.add_argument("--repeat", type=int, default=2, help="best of this many runs per timing (default 2)")
+    parser.add_argument("--repeat", type=int, default=3, help="best of this many runs per timing (default 3)")
     parser.add_argument("--in-memory-images", type=int, default=100, help="images for the in-memory timing")
     parser.add_argument(
         "--cache",
@@ -359,66 +354,97 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"corpus: {args.n} images {args.height}x{args.width} in {args.cache}", flush=True)
     paths = build_corpus(args.cache, args.n, args.height, args.width, args.seed)
-    anns, categories = _matched(paths)
+    anns, _ = _matched(paths)
     n_segments = sum(len(g["segments_info"]) for g, _ in anns) / len(anns)
     png_kb = sum((paths["gt_dir"] / g["file_name"]).stat().st_size for g, _ in anns) / len(anns) / 1024
     print(f"  {n_segments:.1f} GT segments per image, GT PNG {png_kb:.1f} KB on average; cpu count {os.cpu_count()}")
-    # warm the page cache so the first timed method does not pay for disk reads
-    decode_only(paths, anns)
+    load_before = os.getloadavg()
+    print(f"  load average before: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}")
+    folders = [str(paths[k]) for k in ("gt_json", "pred_json", "gt_dir", "pred_dir")]
+    unipan = unipan_command()
+    print(f"  unipan: {' '.join(unipan)}")
+    scratch = Path(tempfile.mkdtemp(prefix="pq_speed_"))
+
+    def unipan_cmd(workers: int) -> list[str]:
+        return [
+            *unipan,
+            "pq",
+            "--gt-json",
+            str(paths["gt_json"]),
+            "--gt-dir",
+            str(paths["gt_dir"]),
+            "--pred-json",
+            str(paths["pred_json"]),
+            "--pred-dir",
+            str(paths["pred_dir"]),
+            "--workers",
+            str(workers),
+            "--json",
+            str(scratch / f"unipan_{workers}.json"),
+        ]
+
+    # the methods that set the targets' ratios alternate, so that all see the same load
+    rounds: dict[str, Callable[[], tuple[float, float, str]]] = {
+        PYTHON: lambda: run_process([sys.executable, "-c", "pass"]),
+        DECODE: lambda: run_process(
+            [sys.executable, "-c", _DECODE_CHILD, str(paths["gt_dir"]), str(paths["pred_dir"])]
+        ),
+        "unipan pq, 1 worker": lambda: run_process(unipan_cmd(1)),
+    }
+    if "workers" not in args.skip:
+        rounds[f"unipan pq, {args.workers} workers"] = lambda: run_process(unipan_cmd(args.workers))
+    rounds[DECODE]()  # warm the page cache so the first timed run does not pay for disk reads
+    runs: dict[str, list[tuple[float, float, str]]] = {name: [] for name in rounds}
+    for _ in range(args.repeat):
+        for name, fn in rounds.items():
+            runs[name].append(fn())
 
     times: dict[str, float] = {}
     cpu_times: dict[str, float] = {}
     checks: dict[str, float] = {}
-    print(f"  {'method':36s} {'wall s':>8s} {'ms/image':>9s} {'CPU s':>8s}")
+    print(f"\n  {'method (whole process)':36s} {'wall s':>8s} {'ms/image':>9s} {'CPU s':>8s}")
 
     def record(name: str, seconds: float, cpu: float, note: str = "") -> None:
         times[name], cpu_times[name] = seconds, cpu
         print(f"  {name:36s} {seconds:8.2f} {1e3 * seconds / args.n:9.2f} {cpu:8.2f}  {note}", flush=True)
 
-    def folders(workers: int) -> PQResult:
-        return pq_compute_folders(
-            paths["gt_json"], paths["gt_dir"], paths["pred_json"], paths["pred_dir"], workers=workers
-        )
-
-    # decode-only and unipan alternate, so that both see the same load on a shared machine
-    decode_runs, unipan_runs = [], []
-    for _ in range(args.repeat):
-        decode_runs.append(_best_of(1, lambda: decode_only(paths, anns)))
-        unipan_runs.append(_best_of(1, lambda: folders(1)))
-    record(DECODE, min(r[0] for r in decode_runs), min(r[1] for r in decode_runs))
-    record("unipan, 1 worker", min(r[0] for r in unipan_runs), min(r[1] for r in unipan_runs))
-    ours = unipan_runs[0][2]
+    for name, measured in runs.items():
+        best = min(measured, key=lambda r: r[0])
+        record(name, best[0], best[1], "  ".join(f"{r[0]:.2f}" for r in measured))
+    ours = json.loads((scratch / "unipan_1.json").read_text())
     if "workers" not in args.skip:
-        t, c, ours_w = _best_of(args.repeat, lambda: folders(args.workers))
-        record(f"unipan, {args.workers} workers", t, c)
-        checks["unipan workers vs 1"] = _max_diff(ours_w.to_dict(), ours.to_dict())
-    if "in-memory" not in args.skip:
-        wall, cpu, count = in_memory(paths, anns[: args.in_memory_images], max(args.repeat, 3))
-        record(IN_MEMORY, wall * args.n, cpu * args.n, f"(measured on {count} images, scaled)")
-    if "panopticapi" not in args.skip:
-        t, c, ref_stat = _best_of(1, lambda: panopticapi_single(paths))
-        record("panopticapi, 1 process", t, c)
-        checks["unipan vs panopticapi"] = _max_diff(ours.to_dict(), _ref_result(ref_stat, categories))
-        t, c, ref_multi = _best_of(1, lambda: panopticapi_multi(paths, args.workers))
-        record(f"panopticapi, {args.workers} processes", t, c)
-        checks[f"panopticapi {args.workers} vs 1"] = _max_diff(
-            _ref_result(ref_multi, categories), _ref_result(ref_stat, categories)
+        checks[f"unipan {args.workers} workers vs 1"] = _max_diff(
+            json.loads((scratch / f"unipan_{args.workers}.json").read_text()), ours
         )
+    if "panopticapi" not in args.skip:
+        for workers in sorted({1, args.workers}):
+            wall, cpu, out = run_process([sys.executable, "-c", _PANOPTICAPI_CHILD, *folders, str(workers)])
+            label = f"panopticapi, {workers} process{'es' if workers > 1 else ''}"
+            record(label, wall, cpu)
+            checks[f"unipan vs {label}"] = _max_diff(ours, json.loads(out.strip().splitlines()[-1]))
     if "hotcoco" not in args.skip:
         for threads in sorted({1, args.workers}):
-            runs = [hotcoco_run(paths, threads) for _ in range(args.repeat)]
-            seconds, cpu, result = min(runs, key=lambda r: r[0])
-            record(f"hotcoco, {threads} thread{'s' if threads > 1 else ''}", seconds, cpu)
-            checks[f"unipan vs hotcoco ({threads})"] = _max_diff(ours.to_dict(), result)
+            env = {**os.environ, "RAYON_NUM_THREADS": str(threads)}
+            measured = [
+                run_process([sys.executable, "-c", _HOTCOCO_CHILD, *folders], env=env) for _ in range(args.repeat)
+            ]
+            wall, cpu, out = min(measured, key=lambda r: r[0])
+            label = f"hotcoco, {threads} thread{'s' if threads > 1 else ''}"
+            record(label, wall, cpu)
+            checks[f"unipan vs {label}"] = _max_diff(ours, json.loads(out.strip().splitlines()[-1]))
+    if "in-memory" not in args.skip:
+        wall, cpu, count = in_memory(paths, anns[: args.in_memory_images], max(args.repeat, 3))
+        record(IN_MEMORY, wall * args.n, cpu * args.n, f"(in this process, {count} images, scaled)")
+    load_after = os.getloadavg()
+    print(f"  load average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
+    shutil.rmtree(scratch, ignore_errors=True)
 
-    print()
-    print(ours.table(per_class=False))
     print("\nagreement (max |difference| of All/Things/Stuff PQ, SQ, RQ):")
     for name, diff in checks.items():
-        print(f"  {name:28s} {diff:.2e}  {'OK' if diff <= 1e-9 else 'MISMATCH'}")
+        print(f"  {name:36s} {diff:.2e}  {'OK' if diff <= 1e-9 else 'MISMATCH'}")
 
-    print("\nratios (targets in brackets; wall time, and CPU time where the machine is shared):")
-    one = times["unipan, 1 worker"]
+    print("\nratios of whole processes (targets in brackets; wall time, and CPU time):")
+    one = times["unipan pq, 1 worker"]
     ratios: dict[str, float] = {}
 
     def ratio(label: str, value: float, target: str = "", ok: bool | None = None) -> None:
@@ -428,34 +454,33 @@ def main(argv: list[str] | None = None) -> int:
 
     r = one / times[DECODE]
     ratio("unipan 1 worker / decode only (wall)", r, "<= 1.3", r <= 1.3)
-    r = cpu_times["unipan, 1 worker"] / cpu_times[DECODE]
+    r = cpu_times["unipan pq, 1 worker"] / cpu_times[DECODE]
     ratio("unipan 1 worker / decode only (CPU)", r, "<= 1.3", r <= 1.3)
-    if f"unipan, {args.workers} workers" in times:
-        r = one / times[f"unipan, {args.workers} workers"]
+    if f"unipan pq, {args.workers} workers" in times:
+        r = one / times[f"unipan pq, {args.workers} workers"]
         ratio(f"speed-up of {args.workers} workers over 1 (wall)", r, ">= 1.7", r >= 1.7)
-    if IN_MEMORY in times:
-        ms = 1e3 * times[IN_MEMORY] / args.n
-        ratio(f"in-memory ms per {args.height}x{args.width} image (wall)", ms, "<= 1.5", ms <= 1.5)
-        ms = 1e3 * cpu_times[IN_MEMORY] / args.n
-        ratio(f"in-memory ms per {args.height}x{args.width} image (CPU)", ms, "<= 1.5", ms <= 1.5)
     if "panopticapi, 1 process" in times:
         r = times["panopticapi, 1 process"] / one
         ratio("panopticapi 1 process / unipan 1 worker (wall)", r, ">= 3", r >= 3)
-        r = cpu_times["panopticapi, 1 process"] / cpu_times["unipan, 1 worker"]
+        r = cpu_times["panopticapi, 1 process"] / cpu_times["unipan pq, 1 worker"]
         ratio("panopticapi 1 process / unipan 1 worker (CPU)", r, ">= 3", r >= 3)
-        if f"unipan, {args.workers} workers" in times:
-            r = times[f"panopticapi, {args.workers} processes"] / times[f"unipan, {args.workers} workers"]
+        if f"panopticapi, {args.workers} processes" in times and f"unipan pq, {args.workers} workers" in times:
+            r = times[f"panopticapi, {args.workers} processes"] / times[f"unipan pq, {args.workers} workers"]
             ratio(f"panopticapi / unipan, {args.workers} processes each (wall)", r)
+    if IN_MEMORY in times:
+        ms = 1e3 * times[IN_MEMORY] / args.n
+        ratio(f"in-memory ms per {args.height}x{args.width} image (wall)", ms, "<= 1.5", ms <= 1.5)
     if "hotcoco, 1 thread" in times:
         ratio("unipan 1 worker / hotcoco 1 thread (wall)", one / times["hotcoco, 1 thread"])
-        ratio(
-            "unipan 1 worker / hotcoco 1 thread (CPU)", cpu_times["unipan, 1 worker"] / cpu_times["hotcoco, 1 thread"]
-        )
+    ratio("unipan 1 worker - decode only, ms per image (wall)", 1e3 * (one - times[DECODE]) / args.n)
+    ratio("decode only - python -c pass, ms per image (wall)", 1e3 * (times[DECODE] - times[PYTHON]) / args.n)
     if args.json is not None:
         args.json.write_text(
             json.dumps(
                 {
                     "args": {k: str(v) for k, v in vars(args).items()},
+                    "load_before": load_before,
+                    "load_after": load_after,
                     "seconds": times,
                     "cpu_seconds": cpu_times,
                     "ratios": ratios,

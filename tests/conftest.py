@@ -9,10 +9,10 @@ from pathlib import Path
 # spinning intra-op thread fights every other process and made small tests 5-20x slower.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import sys  # noqa: E402
+import sys
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 # the test folders mirror the package; shared builders live in tests/helpers.py, imported as `helpers`

@@ -9,11 +9,9 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import Tensor
 
 # io's file helpers live in the torch-free `unipan.files`; re-exported here, where they always were
 from unipan.files import atomic_write as atomic_write
@@ -21,8 +19,13 @@ from unipan.files import atomic_write_bytes as atomic_write_bytes
 from unipan.files import atomic_write_text as atomic_write_text
 from unipan.files import load_json as load_json
 from unipan.files import save_json as save_json
-from unipan.segments import segment_stats
-from unipan.structures import VOID_ID, DatasetMeta, SegmentInfo
+from unipan.meta import VOID_ID, DatasetMeta, SegmentInfo
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+# torch is imported inside the functions that need it (segment statistics of predictions), so that
+# reading and writing PNGs and JSON (`unipan pq`, `unipan viz`, `unipan data synth`) never loads it
 
 try:  # imagecodecs wraps spng, the fastest PNG decoder reachable from PyPI here
     import imagecodecs
@@ -357,6 +360,8 @@ def write_panoptic_json(
 
 def _id_tensor(ids: np.ndarray) -> Tensor:
     """An integer id map as a tensor for `unipan.segments` (int32 and int64 shared, else int64)."""
+    import torch
+
     if ids.dtype not in (np.int32, np.int64):
         ids = ids.astype(np.int64)  # torch lacks most ops on unsigned maps (uint16/uint32 PNG ids)
     return torch.from_numpy(np.ascontiguousarray(ids))
@@ -374,6 +379,10 @@ def panoptic_segment_stats(ids: np.ndarray) -> dict[int, tuple[int, tuple[int, i
     ids = np.asarray(ids)
     if ids.ndim != 2:
         raise ValueError(f"expected an H x W id map, got shape {ids.shape}")
+    import torch
+
+    from unipan.segments import segment_stats
+
     id_map = _id_tensor(ids)
     present = [i for i in torch.unique(id_map).tolist() if i != VOID_ID]
     areas, bboxes = segment_stats(id_map, present)
@@ -406,6 +415,10 @@ def write_panoptic_prediction(
         ValueError: naming the image and segments when ids of the map have no segment, or when
             segment ids repeat.
     """
+    from torch import Tensor
+
+    from unipan.segments import segment_stats
+
     ids = panoptic.detach().cpu().numpy() if isinstance(panoptic, Tensor) else np.asarray(panoptic)
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"image {image_id!r}: panoptic must be an integer H x W map, got {ids.dtype} {ids.shape}")

@@ -15,16 +15,20 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
-from torch import Tensor
 
 from unipan.data.image import read_image
 from unipan.io import atomic_write_bytes, load_panoptic_json, read_id_png
-from unipan.structures import VOID_ID, DatasetMeta, PanopticResult, SegmentInfo
+from unipan.meta import VOID_ID, DatasetMeta, SegmentInfo
+
+if TYPE_CHECKING:  # `unipan viz` draws PNG folders without torch; tensors come only from callers that use it
+    from torch import Tensor
+
+    from unipan.structures import PanopticResult
 
 BOUNDARY_COLOR = (255, 255, 255)
 """Colour of the one-pixel lines drawn where the segment id changes."""
@@ -35,8 +39,12 @@ _GAP = 4
 
 def _ids_array(panoptic: np.ndarray | Tensor) -> np.ndarray:
     """int64[H, W] segment ids from a numpy array or tensor of any integer dtype."""
-    if isinstance(panoptic, Tensor):
-        panoptic = panoptic.detach().cpu().numpy()
+    # a tensor exists only if the caller imported torch: never import it here for a numpy map
+    if not isinstance(panoptic, np.ndarray) and "torch" in sys.modules:
+        import torch
+
+        if isinstance(panoptic, torch.Tensor):
+            panoptic = panoptic.detach().cpu().numpy()
     ids = np.asarray(panoptic)
     if ids.ndim != 2:
         raise ValueError(f"a panoptic id map must be H x W, got shape {ids.shape}")
@@ -242,9 +250,7 @@ def side_by_side(
     """
     for name, pic in (("left", left), ("right", right)):
         if pic.ndim != 3 or pic.shape[2] != 3 or pic.dtype != np.uint8:
-            raise ValueError(
-                f"{name} picture must be uint8 H x W x 3, got shape {pic.shape} dtype {pic.dtype}"
-            )
+            raise ValueError(f"{name} picture must be uint8 H x W x 3, got shape {pic.shape} dtype {pic.dtype}")
     top = _TITLE_HEIGHT if titles is not None else 0
     h = max(left.shape[0], right.shape[0])
     wl, wr = left.shape[1], right.shape[1]
@@ -268,9 +274,7 @@ def save_png(path: str | os.PathLike[str], image: np.ndarray) -> None:
     """Write a uint8[H, W, 3] (or [H, W]) picture as PNG, atomically."""
     image = np.ascontiguousarray(image)
     if image.dtype != np.uint8 or image.ndim not in (2, 3):
-        raise ValueError(
-            f"{path}: a picture must be uint8 H x W (x 3), got shape {image.shape} dtype {image.dtype}"
-        )
+        raise ValueError(f"{path}: a picture must be uint8 H x W (x 3), got shape {image.shape} dtype {image.dtype}")
     try:
         import imagecodecs
 
@@ -333,9 +337,7 @@ def visualize_folder(
         gt_ids = read_id_png(Path(panoptic_dir) / ann.file_name)
         where = f"{json_path}, image {ann.image_id!r}"
         if gt_ids.shape != image.shape[:2]:
-            raise ValueError(
-                f"{where}: image {image.shape[:2]} and panoptic PNG {gt_ids.shape} differ in size"
-            )
+            raise ValueError(f"{where}: image {image.shape[:2]} and panoptic PNG {gt_ids.shape} differ in size")
         try:
             picture = overlay(image, gt_ids, ann.segments, meta, labels=labels)
         except ValueError as e:
@@ -348,8 +350,7 @@ def visualize_folder(
             pred_where = f"{pred_json}, image {ann.image_id!r}"
             if pred_ids.shape != image.shape[:2]:
                 raise ValueError(
-                    f"{pred_where}: prediction PNG {pred_ids.shape} and image {image.shape[:2]} "
-                    "differ in size"
+                    f"{pred_where}: prediction PNG {pred_ids.shape} and image {image.shape[:2]} differ in size"
                 )
             try:
                 pred_picture = overlay(image, pred_ids, pred_ann.segments, meta, labels=labels)
@@ -368,9 +369,7 @@ def add_viz_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--panoptic", required=True, help="folder of the ground-truth panoptic PNGs")
     parser.add_argument("--json", required=True, help="ground-truth COCO-panoptic JSON")
     parser.add_argument("--out", required=True, help="folder for the pictures")
-    parser.add_argument(
-        "--pred-dir", default=None, help="folder of predicted panoptic PNGs (with --pred-json)"
-    )
+    parser.add_argument("--pred-dir", default=None, help="folder of predicted panoptic PNGs (with --pred-json)")
     parser.add_argument("--pred-json", default=None, help="predicted COCO-panoptic JSON (with --pred-dir)")
     parser.add_argument("--max-images", type=int, default=None, help="draw at most this many images")
     parser.add_argument("--labels", action="store_true", help="write category names on the segments")

@@ -74,9 +74,7 @@ def test_options_change_the_image() -> None:
 
 
 # --- exact annotations -----------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "opts", [SynthOptions(), SynthOptions(size=(80, 112), crowd_prob=1.0, void_outline=1.0)]
-)
+@pytest.mark.parametrize("opts", [SynthOptions(), SynthOptions(size=(80, 112), crowd_prob=1.0, void_outline=1.0)])
 def test_segments_match_the_map_exactly(opts: SynthOptions) -> None:
     meta = synth_meta()
     for index in range(6):
@@ -140,9 +138,7 @@ def test_occlusion_and_touching_instances_of_one_class_occur() -> None:
                 assert area[hidden] < hidden_inst.amodal_area
                 assert (min(hidden, inst.segment_id), max(hidden, inst.segment_id)) in pairs
                 occlusions += 1
-        touching_twins += sum(
-            1 for u, v in pairs if u in category and v in category and category[u] == category[v]
-        )
+        touching_twins += sum(1 for u, v in pairs if u in category and v in category and category[u] == category[v])
     assert occlusions >= 3
     assert touching_twins >= 2
 
@@ -223,7 +219,7 @@ def _nearest_centroid_accuracy(
     return float((np.asarray(classes)[distances.argmin(1)] == test_y).mean())
 
 
-@pytest.mark.parametrize("texture, told", [(1.0, True), (0.0, False)])
+@pytest.mark.parametrize(("texture", "told"), [(1.0, True), (0.0, False)])
 def test_texture_alone_tells_stuff_apart(texture: float, told: bool) -> None:
     """Learnability: grey-level texture statistics of small patches name the stuff class (and
     with the textures switched off they cannot: the test can fail)."""

@@ -484,7 +484,7 @@ def _single_segment_image(category_id: int, image_id: int) -> Image:
     )
 
 
-@pytest.mark.parametrize("category_id, empty_group", [(7, "Things"), (1, "Stuff")])
+@pytest.mark.parametrize(("category_id", "empty_group"), [(7, "Things"), (1, "Stuff")])
 def test_only_stuff_or_only_things(tmp_path: Path, category_id: int, empty_group: str) -> None:
     paths = write_corpus(tmp_path, [_single_segment_image(category_id, 1)])
     ref_stat, ref = reference(paths)
@@ -506,7 +506,7 @@ def test_rgba_png_equals_rgb(tmp_path: Path) -> None:
     from PIL import Image as PILImage
 
     im = random_image(np.random.default_rng(1), 1)
-    rgba = np.concatenate([id2rgb(im.pred), np.full(im.pred.shape + (1,), 200, np.uint8)], axis=2)
+    rgba = np.concatenate([id2rgb(im.pred), np.full((*im.pred.shape, 1), 200, np.uint8)], axis=2)
     write_id_png(tmp_path / "gt.png", im.gt)
     PILImage.fromarray(rgba, mode="RGBA").save(tmp_path / "pred.png")
     a = pq_compute_png(tmp_path / "gt.png", im.gt_segments, tmp_path / "pred.png", im.pred_segments, CATEGORIES)
@@ -525,7 +525,7 @@ def test_png_decoded_without_out_buffer(tmp_path: Path, monkeypatch: pytest.Monk
         if out is not None:
             raise ValueError("invalid out shape")
         rgb = np.asarray(real(data))
-        return np.concatenate([rgb, np.zeros(rgb.shape[:2] + (1,), np.uint8)], axis=2)
+        return np.concatenate([rgb, np.zeros((*rgb.shape[:2], 1), np.uint8)], axis=2)
 
     im = random_image(np.random.default_rng(2), 1)
     write_id_png(tmp_path / "gt.png", im.gt)
@@ -553,7 +553,7 @@ def _quirk_corpus(tmp_path: Path, change: str) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize(
-    "change, message",
+    ("change", "message"),
     [
         ("gt_id_not_in_json", "that its JSON does not list"),
         ("gt_json_segment_not_in_png", "absent from its PNG"),
@@ -633,7 +633,7 @@ BAD_CASES = [
 ]
 
 
-@pytest.mark.parametrize("change, message", BAD_CASES)
+@pytest.mark.parametrize(("change", "message"), BAD_CASES)
 def test_bad_input_names_the_image(tmp_path: Path, change: str, message: str) -> None:
     paths = _bad_corpus(tmp_path, change)
     for strict in (True, False):

@@ -32,15 +32,19 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from unipan.data.common import Transform, make_sample
 from unipan.io import atomic_write_bytes, load_json, save_json, write_id_png
-from unipan.segments import label_stats
-from unipan.structures import VOID_ID, DatasetMeta, Sample, SegmentInfo
+from unipan.meta import VOID_ID, DatasetMeta, SegmentInfo
+
+if TYPE_CHECKING:
+    from unipan.data.common import Transform
+    from unipan.structures import Sample
+
+# The generator and the writer (`unipan data synth`) are numpy only, so that writing a dataset does
+# not pay for importing torch; `SyntheticPanoptic.__getitem__` imports the torch side when called.
 
 # Things first, then stuff, as COCO lists them; ids are non-contiguous on purpose (1..5 and
 # 101..105) so that code mixing dataset ids with contiguous indices fails on this data.
@@ -739,7 +743,7 @@ def generate_scene(  # noqa: C901 - one scene in order: layout, place, occlude, 
         p.info.segment_id = sid
     for p in placed:
         p.info.occludes = [placed[k].info.segment_id for k in p.occludes]
-    areas, bboxes = label_stats(torch.from_numpy(compact), n_segments + 1)
+    areas, bboxes = _label_stats(compact, n_segments + 1)
     segments: list[SegmentInfo] = []
     for k, (area, (bx, by, bw, bh)) in enumerate(zip(areas[1:].tolist(), bboxes[1:].tolist(), strict=True)):
         if area == 0:
@@ -755,6 +759,32 @@ def generate_scene(  # noqa: C901 - one scene in order: layout, place, occlude, 
             )
         )
     return SynthScene(image=image, panoptic=panoptic, segments=segments, instances=[p.info for p in placed])
+
+
+def _label_stats(labels: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel count and COCO bbox of every label of a label map (numpy `unipan.segments.label_stats`).
+
+    Args:
+        labels: int[H, W] with values in 0..bins-1.
+        bins: number of labels.
+
+    Returns:
+        areas int64[bins] and bboxes int64[bins, 4] as (x, y, w, h), x + w one past the last
+        column; zeros for labels without pixels.
+    """
+    h, w = labels.shape
+    flat = labels.astype(np.int64).reshape(-1)
+    areas = np.bincount(flat, minlength=bins)
+    # which rows and which columns each label touches: bincounts of (label, row) and (label, column)
+    rows = np.bincount(flat * h + np.repeat(np.arange(h), w), minlength=bins * h).reshape(bins, h) > 0
+    cols = np.bincount(flat * w + np.tile(np.arange(w), h), minlength=bins * w).reshape(bins, w) > 0
+    y0 = rows.argmax(axis=1)
+    y1 = h - rows[:, ::-1].argmax(axis=1)
+    x0 = cols.argmax(axis=1)
+    x1 = w - cols[:, ::-1].argmax(axis=1)
+    bboxes = np.stack([x0, y0, x1 - x0, y1 - y0], axis=1).astype(np.int64)
+    bboxes[areas == 0] = 0
+    return areas, bboxes
 
 
 def _stuff_category_id(kind: int) -> int:
@@ -791,10 +821,12 @@ def image_name(index: int) -> str:
     return f"{index:06d}"
 
 
-class SyntheticPanoptic(torch.utils.data.Dataset[Sample]):
+class SyntheticPanoptic:
     """The synthetic dataset in memory: image i is generated when asked for (optionally cached).
 
-    Safe with DataLoader workers: an item depends on (seed, split, i, opts) only.
+    Safe with DataLoader workers: an item depends on (seed, split, i, opts) only. A map-style
+    dataset (`__len__` and `__getitem__`, all a DataLoader needs); not a subclass of torch's
+    `Dataset`, so that this module, and with it `unipan data synth`, never imports torch.
     """
 
     def __init__(
@@ -842,7 +874,14 @@ class SyntheticPanoptic(torch.utils.data.Dataset[Sample]):
                 self._cache[i] = (image, panoptic, segments)
         return image, panoptic, [SegmentInfo(**vars(s)) for s in segments], str(i)
 
+    def original_panoptic(self, i: int) -> tuple[np.ndarray, list[SegmentInfo]]:
+        """Image i's id map and segments, untransformed (`unipan.data.common.HasOriginalPanoptic`)."""
+        _, panoptic, segments, _ = self.load_raw(i)
+        return panoptic, segments
+
     def __getitem__(self, i: int) -> Sample:
+        from unipan.data.common import make_sample  # torch: only when a Sample is asked for
+
         image, panoptic, segments, image_id = self.load_raw(i)
         return make_sample(image, panoptic, segments, self.meta, image_id, self.transform)
 

@@ -30,8 +30,10 @@ _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 @contextlib.contextmanager
 def run_logging(output_dir: Path | None, rank: int = 0, level: int = logging.INFO) -> Iterator[None]:
-    """While active: `unipan` logs INFO on rank 0 (WARNING elsewhere) to output_dir/log.txt (rank 0)
-    and to stderr when the application configured no logging of its own.
+    """Route `unipan` logging to the run's log file (and stderr) while active.
+
+    `unipan` logs INFO on rank 0 (WARNING elsewhere) to output_dir/log.txt (rank 0) and to stderr
+    when the application configured no logging of its own.
 
     Everything is undone on exit (handlers removed, levels restored), so a later run or a test's
     log capture is not affected. Records still propagate to the root logger, where an

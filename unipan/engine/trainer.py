@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -221,6 +222,15 @@ def _train(  # noqa: C901 - the run set-up in order, kept whole until the step i
     device = resolve_device(eng.device, local_rank)
     if eng.num_threads > 0:
         torch.set_num_threads(eng.num_threads)
+    if device.type == "cpu" and torch.get_num_threads() > 1 and "OMP_WAIT_POLICY" not in os.environ:
+        # the `unipan` command sets the policy before torch loads (unipan.threads); a caller of
+        # train() that imported torch first runs with spinning OpenMP threads
+        logger.info(
+            "OMP_WAIT_POLICY is not set: torch's %d threads spin while idle, so beside another CPU-bound "
+            "process a step can cost several times its quiet time; set OMP_WAIT_POLICY=PASSIVE before "
+            "importing torch (the unipan command does) or engine.num_threads=1",
+            torch.get_num_threads(),
+        )
     if solver.max_iter <= 0:
         raise ValueError(f"solver.max_iter must be > 0, got {solver.max_iter}")
     if solver.batch_size <= 0 or solver.batch_size % world_size:

@@ -59,15 +59,20 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import imagecodecs
 import numpy as np
-import torch
-from torch import Tensor
 
 from unipan.io import MAX_SEGMENT_ID, load_json, save_json
-from unipan.structures import VOID_ID, DatasetMeta, SegmentInfo
+from unipan.meta import VOID_ID, DatasetMeta, SegmentInfo
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+# No module-level torch: `unipan pq` must not pay seconds for importing it. The tensor conversions
+# for `torch.distributed` import it when called; id maps that are tensors can only exist when the
+# caller has loaded torch already (see `_as_numpy_ids`).
 
 # spng is the fastest PNG decoder reachable from PyPI here (`unipan.io` uses it too); png_decode is libpng
 _DECODE = imagecodecs.spng_decode if imagecodecs.SPNG.available else imagecodecs.png_decode
@@ -213,6 +218,8 @@ class PQStat:
         for c, v in self.pq_per_cat.items():
             if c in row:
                 values[row[c]] = [v.iou, float(v.tp), float(v.fp), float(v.fn)]
+        import torch
+
         return torch.tensor(values, dtype=torch.float64).reshape(len(row), 4)
 
     @classmethod
@@ -220,6 +227,8 @@ class PQStat:
         """Inverse of `to_tensor`: DoubleTensor[K, 4] (iou, tp, fp, fn) -> PQStat (empty rows left out)."""
         if t.ndim != 2 or t.shape[1] != 4 or t.shape[0] != len(category_ids):
             raise ValueError(f"expected a [{len(category_ids)}, 4] tensor, got shape {tuple(t.shape)}")
+        import torch
+
         rows = t.detach().to("cpu", torch.float64).tolist()
         out = cls()
         for c, (iou, tp, fp, fn) in zip(category_ids, rows, strict=True):
@@ -769,8 +778,12 @@ def _image_stat(  # noqa: C901 - one pass over the run-length pairs, kept whole 
 
 
 def _as_numpy_ids(ids: np.ndarray | Tensor, image: str, side: str) -> np.ndarray:
-    if isinstance(ids, Tensor):
-        ids = ids.detach().cpu().numpy()
+    # a tensor exists only if its caller imported torch: never import it here for a numpy map
+    if not isinstance(ids, np.ndarray) and "torch" in sys.modules:
+        import torch
+
+        if isinstance(ids, torch.Tensor):
+            ids = ids.detach().cpu().numpy()
     ids = np.asarray(ids)
     if ids.ndim != 2:
         raise PanopticEvalError(f"{image}: {side} id map must be H x W, got shape {ids.shape}")
@@ -967,8 +980,12 @@ _WORKER_ARGS: dict[str, Any] = {}
 
 def _init_worker(tasks: list[_Task], gt_dir: Path, pred_dir: Path, categories: _Categories, strict: bool) -> None:
     _WORKER_ARGS.update(tasks=tasks, gt_dir=gt_dir, pred_dir=pred_dir, categories=categories, strict=strict)
-    # a worker is one core's worth of numpy work; intra-op threads would only compete
-    torch.set_num_threads(1)
+    # a worker is one core's worth of numpy work; intra-op threads (of a parent that loaded torch,
+    # e.g. evaluation during training) would only compete
+    if "torch" in sys.modules:
+        import torch
+
+        torch.set_num_threads(1)
 
 
 def _evaluate_tasks(
