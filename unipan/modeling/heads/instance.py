@@ -13,7 +13,7 @@ targets handed to torchvision's losses (`torchvision_targets`) use torchvision's
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -93,8 +93,14 @@ class InstanceOutputs:
         mask_rois: per image FloatTensor[K, 4] boxes the mask head ran on (training: the
             foreground sampled RoIs; eval: the detections).
         mask_labels: per image LongTensor[K] thing index whose mask channel is used.
-        mask_logits: FloatTensor[sum K, T, M, M] mask logits of every thing class.
-        mask_features: FloatTensor[sum K, Cm, M/2, M/2] mask head output before the predictor.
+        mask_logits: FloatTensor[sum K, T, M, M] mask logits of every thing class; FloatTensor[0]
+            when the mask head did not run (`run(masks=False)`).
+        mask_features: FloatTensor[sum K, Cm, M/2, M/2] mask head output before the predictor;
+            FloatTensor[0] when the mask head did not run.
+        mask_gt_index: training: per image LongTensor[K] index of the GT instance matched by each
+            of `mask_rois`; eval: empty.
+        class_probs: training: per image FloatTensor[K] the box head's softmax probability of the
+            class each of `mask_rois` is labelled with (detached); eval: empty.
     """
 
     proposals: list[Tensor]
@@ -108,6 +114,8 @@ class InstanceOutputs:
     mask_labels: list[Tensor]
     mask_logits: Tensor
     mask_features: Tensor
+    mask_gt_index: list[Tensor] = field(default_factory=list)
+    class_probs: list[Tensor] = field(default_factory=list)
 
 
 def torchvision_targets(
@@ -167,7 +175,8 @@ class InstanceBranch(nn.Module):
     Args:
         rpn: the region proposal network.
         box_head: the box head (T + 1 classes, background first).
-        mask_head: the mask head (T channels, one per thing index).
+        mask_head: the mask head (T channels, one per thing index); None for a model that runs
+            its own mask heads on `run(masks=False)`'s RoIs (REFINE).
 
     Attributes:
         num_things: T.
@@ -176,9 +185,9 @@ class InstanceBranch(nn.Module):
         ValueError: when the box and mask heads disagree on T.
     """
 
-    def __init__(self, *, rpn: RPN, box_head: BoxHead, mask_head: MaskHead) -> None:
+    def __init__(self, *, rpn: RPN, box_head: BoxHead, mask_head: MaskHead | None) -> None:
         super().__init__()
-        if box_head.num_things != mask_head.num_things:
+        if mask_head is not None and box_head.num_things != mask_head.num_things:
             raise ValueError(
                 f"mask head has {mask_head.num_things} channels; expected one per thing index of the box head "
                 f"({box_head.num_things}, its classes minus background)"
@@ -195,8 +204,16 @@ class InstanceBranch(nn.Module):
 
         Returns:
             (mask_logits FloatTensor[sum K_i, T, M, M], mask_features FloatTensor[sum K_i, Cm, M/2, M/2]).
+
+        Raises:
+            RuntimeError: when the branch was built without a mask head.
         """
-        return self.mask_head(features, boxes, padded_size)
+        return self._require_mask_head()(features, boxes, padded_size)
+
+    def _require_mask_head(self) -> MaskHead:
+        if self.mask_head is None:
+            raise RuntimeError("this instance branch has no mask head (built with mask_head=None)")
+        return self.mask_head
 
     def run(
         self,
@@ -204,6 +221,7 @@ class InstanceBranch(nn.Module):
         image_sizes: Sequence[tuple[int, int]],
         padded_size: tuple[int, int],
         targets: Sequence[PanopticTarget] | None = None,
+        masks: bool = True,
     ) -> InstanceOutputs:
         """RPN, box head and mask head, with every intermediate result kept.
 
@@ -212,6 +230,11 @@ class InstanceBranch(nn.Module):
             image_sizes: per image (h, w) before padding.
             padded_size: (Hp, Wp) of the padded batch.
             targets: per image ground truth (required in training mode, ignored in eval).
+            masks: run the branch's own mask head. False (forced when it has none) stops after
+                the box head: `mask_rois` / `mask_labels` (and in training `mask_gt_index` and
+                `class_probs`) say where a model's own mask heads should run; there is no
+                `loss_mask`, the detections carry no masks, and `mask_logits` / `mask_features`
+                are empty.
 
         Returns:
             Losses in training, detections in eval, and the intermediates (see `InstanceOutputs`).
@@ -224,8 +247,9 @@ class InstanceBranch(nn.Module):
         batch = features[self.rpn.in_features[0]].shape[0]
         if len(image_sizes) != batch:
             raise ValueError(f"{len(image_sizes)} image sizes for a batch of {batch}")
+        masks = masks and self.mask_head is not None
         if not self.training:
-            return self._run_eval(features, image_sizes, padded_size)
+            return self._run_eval(features, image_sizes, padded_size, masks)
         if targets is None:
             raise ValueError("the instance branch needs targets in training mode")
         tv_targets = torchvision_targets(targets, image_sizes, self.num_things)
@@ -239,10 +263,17 @@ class InstanceBranch(nn.Module):
         mask_rois = [rois[i] for rois, i in zip(samples.rois, fg, strict=True)]
         mask_labels = [labels[i] for labels, i in zip(samples.labels, fg, strict=True)]
         mask_gt_index = [index[i] for index, i in zip(samples.gt_index, fg, strict=True)]
-        mask_logits, mask_features = self.mask_head(features, mask_rois, padded_size)
-        losses["loss_mask"] = self.mask_head.loss(
-            mask_logits, mask_rois, mask_labels, mask_gt_index, [t["masks"] for t in tv_targets]
-        )
+        # the probability of each foreground RoI's labelled class (REFINE weights its masks by it)
+        probs = class_logits.detach().softmax(dim=-1).split([int(r.shape[0]) for r in samples.rois])
+        class_probs = [p[i, labels + 1] for p, i, labels in zip(probs, fg, mask_labels, strict=True)]
+        if masks:
+            mask_head = self._require_mask_head()
+            mask_logits, mask_features = mask_head(features, mask_rois, padded_size)
+            losses["loss_mask"] = mask_head.loss(
+                mask_logits, mask_rois, mask_labels, mask_gt_index, [t["masks"] for t in tv_targets]
+            )
+        else:
+            mask_logits = mask_features = class_logits.new_zeros((0,))
         return InstanceOutputs(
             proposals=list(rpn_out.proposals),
             detections=[],
@@ -255,17 +286,41 @@ class InstanceBranch(nn.Module):
             mask_labels=mask_labels,
             mask_logits=mask_logits,
             mask_features=mask_features,
+            mask_gt_index=mask_gt_index,
+            class_probs=class_probs,
         )
 
     def _run_eval(
-        self, features: Mapping[str, Tensor], image_sizes: list[tuple[int, int]], padded_size: tuple[int, int]
+        self,
+        features: Mapping[str, Tensor],
+        image_sizes: list[tuple[int, int]],
+        padded_size: tuple[int, int],
+        masks: bool = True,
     ) -> InstanceOutputs:
         """`run` in eval mode: proposals -> detections -> masks of the detected classes."""
         rpn_out = self.rpn(features, image_sizes, padded_size)
         box_rois = list(rpn_out.proposals)
         box_features, class_logits, box_deltas = self.box_head(features, box_rois, padded_size)
         det_boxes, det_scores, det_labels = self.box_head.detections(class_logits, box_deltas, box_rois, image_sizes)
-        mask_logits, mask_features = self.mask_head(features, det_boxes, padded_size)
+        if not masks:
+            empty = class_logits.new_zeros((0,))
+            return InstanceOutputs(
+                proposals=box_rois,
+                detections=[
+                    {"boxes": boxes, "scores": scores, "labels": labels}
+                    for boxes, scores, labels in zip(det_boxes, det_scores, det_labels, strict=True)
+                ],
+                losses={},
+                rpn=rpn_out,
+                box_rois=box_rois,
+                box_features=box_features,
+                box_labels=[],
+                mask_rois=det_boxes,
+                mask_labels=det_labels,
+                mask_logits=empty,
+                mask_features=empty,
+            )
+        mask_logits, mask_features = self._require_mask_head()(features, det_boxes, padded_size)
         own_logits = MaskHead.select_class(mask_logits, torch.cat(det_labels))
         per_image = own_logits.split([int(b.shape[0]) for b in det_boxes])
         detections = [
@@ -293,6 +348,7 @@ def build_instance_branch(
     mask_head: MaskHeadConfig,
     num_things: int,
     feature_shapes: Mapping[str, tuple[int, int]],
+    with_mask_head: bool = True,
 ) -> InstanceBranch:
     """Mask R-CNN R50-FPN's instance branch sized by the part configs and the backbone.
 
@@ -305,6 +361,8 @@ def build_instance_branch(
         mask_head: the mask head's config (on p2..p5).
         num_things: T, the number of thing classes (>= 1).
         feature_shapes: {name: (channels, stride)} of the backbone; p2..p6 with equal channels.
+        with_mask_head: False builds no mask head (a model with its own mask heads, REFINE):
+            no parameters that never get a gradient.
 
     Raises:
         ValueError: for T < 1, missing levels, unequal channels or anchor sizes that do not fit.
@@ -314,5 +372,5 @@ def build_instance_branch(
     return InstanceBranch(
         rpn=build_rpn(rpn, feature_shapes, RPN_IN_FEATURES),
         box_head=build_box_head(roi_heads, feature_shapes, num_things, ROI_IN_FEATURES),
-        mask_head=build_mask_head(mask_head, feature_shapes, num_things, ROI_IN_FEATURES),
+        mask_head=build_mask_head(mask_head, feature_shapes, num_things, ROI_IN_FEATURES) if with_mask_head else None,
     )

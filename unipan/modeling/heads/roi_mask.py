@@ -21,7 +21,7 @@ from unipan.config import MaskHeadConfig
 from unipan.modeling.heads.roi_box import ROI_IN_FEATURES
 from unipan.modeling.layers import require_features
 
-__all__ = ["MaskHead", "build_mask_head"]
+__all__ = ["MaskHead", "build_mask_head", "mask_rcnn_loss", "mask_rcnn_targets"]
 
 
 class MaskHead(nn.Module):
@@ -99,16 +99,65 @@ class MaskHead(nn.Module):
         Returns:
             FloatTensor[] mean over K * M * M, or 0 (keeping the graph) when there is no RoI.
         """
-        size = int(mask_logits.shape[-1])
-        crops = [
-            project_masks_on_boxes(masks, boxes, index, size)
-            for masks, boxes, index in zip(gt_masks_per_image, rois, gt_index, strict=True)
-            if boxes.shape[0] > 0
-        ]
-        if not crops:
+        if sum(int(boxes.shape[0]) for boxes in rois) == 0:
             return mask_logits.sum() * 0.0
         own = self.select_class(mask_logits, torch.cat(list(thing_labels)))
-        return F.binary_cross_entropy_with_logits(own, torch.cat(crops))
+        return mask_rcnn_loss(own, rois, gt_index, gt_masks_per_image)
+
+
+def mask_rcnn_loss(
+    own_logits: Tensor,
+    rois: Sequence[Tensor],
+    gt_index: Sequence[Tensor],
+    gt_masks_per_image: Sequence[Tensor],
+) -> Tensor:
+    """Mask R-CNN's per-pixel sigmoid cross-entropy of one mask per RoI (any mask head's).
+
+    The target of each RoI is its matched GT mask cropped to the RoI and resized to M x M
+    (torchvision's `project_masks_on_boxes`). Heads that pick the channel themselves (REFINE's
+    per-iteration heads) call this directly; `MaskHead.loss` selects the own-class channel first.
+
+    Args:
+        own_logits: FloatTensor[K, M, M] mask logits of each RoI (its class's channel), the RoIs of
+            all images concatenated in order.
+        rois: per image FloatTensor[K_i, 4] (foreground) RoIs in input pixels.
+        gt_index: per image LongTensor[K_i] index of the matched GT instance.
+        gt_masks_per_image: per image BoolTensor[N_i, h, w] (or float) GT instance masks.
+
+    Returns:
+        FloatTensor[] mean over K * M * M, or 0 (keeping the graph) when there is no RoI.
+    """
+    targets = mask_rcnn_targets(rois, gt_index, gt_masks_per_image, int(own_logits.shape[-1]))
+    if targets.shape[0] == 0:
+        return own_logits.sum() * 0.0
+    return F.binary_cross_entropy_with_logits(own_logits, targets.to(own_logits.dtype))
+
+
+def mask_rcnn_targets(
+    rois: Sequence[Tensor], gt_index: Sequence[Tensor], gt_masks_per_image: Sequence[Tensor], size: int
+) -> Tensor:
+    """The M x M mask targets of `mask_rcnn_loss`: each RoI's matched GT mask cropped and resized.
+
+    Computed once, they serve several heads on the same RoIs (REFINE's iterations).
+
+    Args:
+        rois: per image FloatTensor[K_i, 4] RoIs in input pixels.
+        gt_index: per image LongTensor[K_i] index of the matched GT instance.
+        gt_masks_per_image: per image BoolTensor[N_i, h, w] (or float) GT instance masks.
+        size: M.
+
+    Returns:
+        FloatTensor[sum K_i, M, M] in [0, 1] (RoIAlign of the binary masks), RoIs in order.
+    """
+    crops = [
+        project_masks_on_boxes(masks, boxes, index, size)
+        for masks, boxes, index in zip(gt_masks_per_image, rois, gt_index, strict=True)
+        if boxes.shape[0] > 0
+    ]
+    if not crops:
+        dtype = rois[0].dtype if len(rois) else torch.float32
+        return torch.zeros((0, size, size), dtype=dtype)
+    return torch.cat(crops)
 
 
 def build_mask_head(
