@@ -15,17 +15,20 @@ from unipan.modeling.backbone.resnet import (
     freeze_stages,
     load_trunk_weights,
 )
+from unipan.modeling.backbone.spinet_fpn import SPINET_FPN_LEVELS, SPINetFPN
 
 __all__ = [
     "FPN",
     "FPN_LEVELS",
     "NORMS",
     "RESNET_SPECS",
+    "SPINET_FPN_LEVELS",
     "TRUNK_STAGES",
     "GlobalContext",
     "LastLevelP6P7FromC5",
     "ResNetSpec",
     "ResNetTrunk",
+    "SPINetFPN",
     "build_backbone",
     "build_trunk",
     "convert_frozen_batchnorm",
@@ -49,10 +52,15 @@ def build_backbone(cfg: BackboneConfig, *, global_context: bool = False) -> FPN:
         ValueError: for an unknown network, norm or levels, bad sizes, or unusable weights.
         FileNotFoundError: when `cfg.weights` names a missing file.
     """
-    if cfg.fpn_levels not in FPN_LEVELS:
-        raise ValueError(f"unknown backbone.fpn_levels {cfg.fpn_levels!r}; known: {list(FPN_LEVELS)}")
+    if cfg.fpn_levels not in FPN_LEVELS + SPINET_FPN_LEVELS:
+        known = list(FPN_LEVELS + SPINET_FPN_LEVELS)
+        raise ValueError(f"unknown backbone.fpn_levels {cfg.fpn_levels!r}; known: {known}")
     trunk = build_trunk(cfg)
-    fpn = FPN(trunk=trunk, fpn_channels=cfg.fpn_channels, levels=cfg.fpn_levels)
+    if cfg.fpn_levels in SPINET_FPN_LEVELS:
+        # SPINet's pyramid (P2 at stride 8); a FPN subclass with the same interface
+        fpn: FPN = SPINetFPN(trunk=trunk, fpn_channels=cfg.fpn_channels, levels=cfg.fpn_levels)
+    else:
+        fpn = FPN(trunk=trunk, fpn_channels=cfg.fpn_channels, levels=cfg.fpn_levels)
     if global_context:
         # after the FPN's convs: the creation order (and so the seeded weights) of UPSNet before
         # the context moved into the backbone

@@ -22,6 +22,7 @@ from unipan.config import BackboneConfig
 __all__ = [
     "NORMS",
     "RESNET_SPECS",
+    "STEMS",
     "TRUNK_STAGES",
     "ResNetSpec",
     "ResNetTrunk",
@@ -56,6 +57,10 @@ RESNET_SPECS: dict[str, ResNetSpec] = {
 NORMS = ("frozen_bn", "bn")
 """Trunk normalisations: frozen BatchNorm (detection default) or trainable BatchNorm."""
 
+STEMS = ("torchvision", "resnet_c", "deeplab")
+"""Trunk stems: torchvision's 7x7 conv; three 3x3 convs of base/2, base/2, base channels (ResNet-C,
+He et al. 2019); three 3x3 convs of base, base, 2 base channels (detectron2's DeepLabStem)."""
+
 
 class ResNetTrunk(nn.Module):
     """A torchvision-compatible ResNet/ResNeXt trunk without the classifier.
@@ -68,6 +73,9 @@ class ResNetTrunk(nn.Module):
         groups: grouped-conv groups (ResNeXt: 32).
         width_per_group: torchvision's `width_per_group` (ResNeXt 32x8d: 8; plain ResNet: 64).
         norm_layer: `FrozenBatchNorm2d` (detection default) or `nn.BatchNorm2d`.
+        stem: one of `STEMS`. For the deep stems `conv1` is a Sequential of the three convs (the
+            first two with their norm and ReLU) and `bn1` normalises the last one, so that the
+            forward pass and the freezing of the stem stay those of the 7x7 stem.
     """
 
     def __init__(
@@ -79,8 +87,11 @@ class ResNetTrunk(nn.Module):
         groups: int = 1,
         width_per_group: int = 64,
         norm_layer: Callable[[int], nn.Module] = FrozenBatchNorm2d,
+        stem: str = "torchvision",
     ) -> None:
         super().__init__()
+        if stem not in STEMS:
+            raise ValueError(f"unknown backbone stem {stem!r}; known: {list(STEMS)}")
         if len(depths) != 4 or any(int(d) < 1 for d in depths):
             raise ValueError(f"depths must be 4 positive block counts (res2..res5), got {list(depths)}")
         if base_width < 1:
@@ -98,9 +109,28 @@ class ResNetTrunk(nn.Module):
         self._norm_layer = norm_layer
         self._groups = groups
         self._width_per_group = width_per_group
+        self.stem = stem
         self.inplanes = base_width
-        self.conv1 = nn.Conv2d(3, base_width, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = norm_layer(base_width)
+        self.conv1: nn.Module
+        if stem == "torchvision":
+            self.conv1 = nn.Conv2d(3, base_width, kernel_size=7, stride=2, padding=3, bias=False)
+        else:
+            widths = (base_width // 2, base_width // 2, base_width)
+            if stem == "deeplab":
+                widths = (base_width, base_width, 2 * base_width)
+            if min(widths) < 1:
+                raise ValueError(f"base_width {base_width} is too small for the {stem} stem")
+            self.conv1 = nn.Sequential(
+                nn.Conv2d(3, widths[0], kernel_size=3, stride=2, padding=1, bias=False),
+                norm_layer(widths[0]),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(widths[0], widths[1], kernel_size=3, padding=1, bias=False),
+                norm_layer(widths[1]),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(widths[1], widths[2], kernel_size=3, padding=1, bias=False),
+            )
+            self.inplanes = widths[2]
+        self.bn1 = norm_layer(self.inplanes)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.layer1 = self._make_stage(base_width, int(depths[0]), stride=1)
@@ -251,6 +281,8 @@ def freeze_stages(trunk: ResNetTrunk, freeze_at: int) -> None:
     # (detectron2 does the same); the stem's bn1 sits directly on the trunk.
     if freeze_at >= 1 and isinstance(trunk.bn1, nn.BatchNorm2d):
         trunk.bn1 = convert_frozen_batchnorm(trunk.bn1)
+    if freeze_at >= 1 and isinstance(trunk.conv1, nn.Sequential):
+        convert_frozen_batchnorm(trunk.conv1)  # the norms inside a deep stem
     for name in ("layer1", "layer2", "layer3", "layer4")[: max(0, freeze_at - 1)]:
         convert_frozen_batchnorm(getattr(trunk, name))
 
@@ -280,6 +312,7 @@ def build_trunk(cfg: BackboneConfig) -> ResNetTrunk:
         groups=spec.groups,
         width_per_group=spec.width_per_group,
         norm_layer=norm_layer,
+        stem=cfg.stem,
     )
     if cfg.weights:
         load_trunk_weights(trunk, cfg.weights)

@@ -1,0 +1,303 @@
+"""SPINet beyond the contract: parameter budget, the oracle through the single-shot conv, the mask
+pasting, and every switch of Tables 3-5 (the contract tests live in test_contract.py)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import synth_batch
+
+from unipan.config import load_config
+from unipan.data.synthetic import SyntheticPanoptic, SynthOptions
+from unipan.evaluation.pq import PQResult, pq_compute_single
+from unipan.modeling.layers.dynamic_conv import single_shot_conv
+from unipan.modeling.models.spinet import SPINet, image_prediction, paste_mask_logits
+from unipan.modeling.registry import build_model
+from unipan.structures import DatasetMeta, PanopticResult, PanopticTarget, SegmentInfo, masks_to_boxes
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "spinet"
+TINY = [
+    "model.backbone.base_width=16",
+    "model.backbone.fpn_channels=32",
+    "model.spinet.panoptic_channels=32",
+    "model.spinet.filter_channels=32",
+    "model.spinet.pfg_channels=32",
+    "model.spinet.triplet_dim=16",
+    "model.spinet.fsm_num_convs=2",
+]
+
+
+def cityscapes_meta() -> DatasetMeta:
+    cats = [{"id": i + 1, "name": f"stuff{i}", "isthing": 0} for i in range(11)]
+    cats += [{"id": 24 + i, "name": f"thing{i}", "isthing": 1} for i in range(8)]
+    return DatasetMeta(cats, name="cityscapes-sized")
+
+
+def n_params(*overrides: str) -> int:
+    cfg = load_config(CONFIGS / "r50_cityscapes.yaml", list(overrides))
+    with torch.device("meta"):  # structure only
+        model = build_model(cfg, cityscapes_meta())
+    return sum(p.numel() for p in model.parameters())
+
+
+# --- parameters (spec 3.1; paper Tables 2, 3, 5) -----------------------------------------------------
+def test_parameter_budget_r50_cityscapes() -> None:
+    full = n_params()
+    assert 41.8e6 <= full <= 42.6e6, full  # paper: 42.2M
+    assert 41.8e6 <= n_params("model.backbone.stem=deeplab") <= 42.6e6
+    # the auxiliary heads: a 1x1 conv 256 -> 16 and a 256 -> 256 FC (training only)
+    no_aux = n_params("model.spinet.contour_weight=0", "model.spinet.triplet_weight=0")
+    assert full - no_aux == (256 * 16 + 16) + (256 * 256 + 256)
+    # Table 5: a second Panoptic-Feature generator adds 4.4M (46.6 vs 42.2)
+    separate = n_params("model.spinet.integrated=false")
+    assert 4.3e6 <= separate - full <= 4.5e6, separate - full
+    # k = 1 would leave the model far short of the paper's count
+    assert n_params("model.spinet.kernel_size=1") < 37.5e6
+
+
+# --- the oracle through the real op -------------------------------------------------------------------
+def oracle_units(
+    target: PanopticTarget, meta: DatasetMeta, things_channel: bool
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """GT regions as a one-hot Panoptic-Feature: (masks [D, h, w], thing labels [N], N).
+
+    Channels: each instance, each crowd thing region (as an instance, as the fusion oracle), each
+    stuff class, then (with `things_channel`) the union of the things.
+    """
+    regions, labels = list(target.masks), target.labels.tolist()
+    for seg in target.segments:
+        if seg.iscrowd and meta.isthing(seg.category_id):
+            regions.append(target.panoptic == seg.id)
+            labels.append(meta.thing_index(seg.category_id))
+    n = len(regions)
+    sem = target.sem_seg
+    regions += [sem == j for j in range(meta.num_stuff)]
+    if things_channel:
+        regions.append(torch.stack(regions[:n]).any(0) if n else torch.zeros_like(sem, dtype=torch.bool))
+    return torch.stack(regions), torch.tensor(labels, dtype=torch.long), n
+
+
+def centre_tap_kernels(channels: list[int], d: int, k: int = 3, scale: float = 10.0) -> torch.Tensor:
+    kernels = torch.zeros(len(channels), d, k, k)
+    for row, c in enumerate(channels):
+        kernels[row, c, k // 2, k // 2] = scale
+    return kernels
+
+
+def run_oracle(
+    model: SPINet, target: PanopticTarget, phi_target: PanopticTarget, scale: int, dedup: str, duplicates: int = 0
+) -> tuple[float, torch.Tensor, torch.Tensor, PanopticResult]:
+    """PQ of the oracle through single_shot_conv + SPINet's tail + its fusion; its masks, the GT
+    regions of `phi_target` and the result."""
+    meta = model.meta
+    things_channel = model.sem_space == "stuff+things"
+    units, labels, n = oracle_units(phi_target, meta, things_channel)
+    d = units.shape[0]
+    phi = units.float()[None] * 2 - 1  # +1 in the region, -1 elsewhere (void: -1 everywhere)
+    rows = list(range(n)) * (1 + duplicates)
+    scores = torch.cat([torch.full((n,), 1.0 - 0.1 * r) for r in range(1 + duplicates)])
+    thing_k = centre_tap_kernels(rows, d)
+    stuff_k = centre_tap_kernels(list(range(n, d)), d)
+    (out,) = single_shot_conv(phi, [thing_k], stuff_k)
+    raw = image_prediction(
+        out[: len(rows)],
+        out[len(rows) :],
+        scores,
+        labels.repeat(1 + duplicates),
+        target.image_size,
+        scale=scale,
+        mask_logit_thresh=0.0,
+        dedup=dedup,
+        nms_thresh=0.6,
+        max_detections=100,
+        sem_space=model.sem_space,
+    )
+    result = model.fuse(raw, meta, image_id=target.image_id)
+    stat = pq_compute_single(target.panoptic, target.segments, result.panoptic, result.segments, meta, target.image_id)
+    assert raw.masks is not None
+    return PQResult.from_stat(stat, meta).pq, raw.masks[:n], units[:n], result
+
+
+def tiny_spinet(meta: DatasetMeta, *extra: str) -> SPINet:
+    torch.manual_seed(0)
+    cfg = load_config(CONFIGS / "tiny_synth.yaml", [*TINY, "model.fusion.stuff_area=0", *extra])
+    model = build_model(cfg, meta)
+    assert isinstance(model, SPINet)
+    return model.eval()
+
+
+def max_same_class_box_iou(target: PanopticTarget) -> float:
+    from torchvision.ops import box_iou
+
+    iou = box_iou(target.boxes, target.boxes)
+    same = target.labels[:, None] == target.labels[None, :]
+    iou = iou.masked_fill(~same | torch.eye(len(target), dtype=torch.bool), 0)
+    return float(iou.max()) if len(target) else 0.0
+
+
+@pytest.mark.parametrize("things_channel", [False, True])
+def test_oracle_through_the_single_shot_conv_gives_pq_100(things_channel: bool) -> None:
+    """One-hot Panoptic-Feature, centre-tap kernels x10, no bias, stride 1: PQ 100 through the tail.
+
+    Duplicated kernels (each instance 3 more times, lower scores) are removed by the fusion's overlap
+    rule (dedup none) and by the class-wise box NMS (on images whose same-class GT boxes overlap
+    less than the NMS threshold, where NMS cannot hit a true instance).
+    """
+    opts = SynthOptions(size=(64, 80), crowd_prob=0.5, void_border=2, void_outline=0.5)
+    val = SyntheticPanoptic(6, seed=0, opts=opts, split="val")
+    model = tiny_spinet(val.meta, f"model.spinet.stuff_things_channel={str(things_channel).lower()}")
+    nms_checked = 0
+    for i in range(len(val)):
+        target = val[i].target
+        pq, masks, gt, _ = run_oracle(model, target, target, scale=1, dedup="none")
+        assert pq == 1.0, target.image_id
+        assert torch.equal(masks, gt)  # sign(10 * (2 onehot - 1)) is the region itself
+        assert run_oracle(model, target, target, scale=1, dedup="none", duplicates=3)[0] == 1.0
+        if max_same_class_box_iou(target) <= 0.6:
+            assert run_oracle(model, target, target, scale=1, dedup="box_nms", duplicates=3)[0] == 1.0
+            nms_checked += 1
+    assert nms_checked >= 2
+
+
+def test_oracle_at_stride_4_flips_only_block_corner_pixels() -> None:
+    """4x4-blocky GT, Panoptic-Feature at stride 4: bilinear upsampling changes only corner pixels.
+
+    Every GT segment is still found (IoU > 0.9, same category); the flipped corners of things fall
+    to the stuff argmax, whose all-equal logits there make a few-pixel segment of stuff class 0.
+    """
+    small = SyntheticPanoptic(3, seed=1, opts=SynthOptions(size=(40, 48), min_thing_size=6), split="val")
+    meta = small.meta
+    model = tiny_spinet(meta)
+    for i in range(len(small)):
+        t4 = small[i].target
+        pan = t4.panoptic.repeat_interleave(4, 0).repeat_interleave(4, 1)
+        segments = [SegmentInfo(s.id, s.category_id, s.isthing, s.iscrowd) for s in t4.segments]
+        target = PanopticTarget.from_panoptic(pan, segments, meta, image_id=t4.image_id)
+        _, masks, _, result = run_oracle(model, target, t4, scale=4, dedup="none")
+        units, _, n = oracle_units(target, meta, False)
+        ys, xs = torch.nonzero((masks != units[:n]).any(0), as_tuple=True)
+        assert bool(((ys % 4 == 0) | (ys % 4 == 3)).all()) and bool(((xs % 4 == 0) | (xs % 4 == 3)).all())
+        matched = set()
+        for seg in target.segments:
+            if seg.iscrowd:
+                continue
+            gt = target.panoptic == seg.id
+            ious = {
+                r.id: float(((result.panoptic == r.id) & gt).sum() / ((result.panoptic == r.id) | gt).sum())
+                for r in result.segments
+                if r.category_id == seg.category_id
+            }
+            best = max(ious, key=ious.__getitem__)
+            assert ious[best] > 0.9, (t4.image_id, seg.id)
+            matched.add(best)
+        assert all(r.area <= 16 for r in result.segments if r.id not in matched and not r.isthing)
+
+
+def test_paste_mask_logits_equals_full_upsampling() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 9, 11, generator=g) - 1.0
+    logits[0] = -1.0  # an empty mask
+    boxes = masks_to_boxes(logits >= 0)
+    for size in [(36, 44), (33, 41)]:
+        got, got_boxes = paste_mask_logits(logits, boxes, size, 0.0)
+        full = F.interpolate(logits[None], scale_factor=4, mode="bilinear", align_corners=False)[0]
+        assert torch.equal(got, full[:, : size[0], : size[1]] >= 0)
+        assert torch.equal(got_boxes, masks_to_boxes(got))
+
+
+# --- switches ------------------------------------------------------------------------------------------
+SWITCHES = {
+    # Table 3 rows (the full row is the contract case)
+    "t3_none": (
+        ["model.spinet.multiclass_dice=false", "model.spinet.contour_weight=0", "model.spinet.triplet_weight=0"],
+        {"loss_cls", "loss_thing_dice", "loss_stuff_ce"},
+    ),
+    "t3_mcd_inter": (
+        ["model.spinet.triplet_weight=0"],
+        {"loss_cls", "loss_thing_dice", "loss_stuff_ce", "loss_stuff_dice", "loss_contour"},
+    ),
+    "t3_inter_intra": (
+        ["model.spinet.multiclass_dice=false"],
+        {"loss_cls", "loss_thing_dice", "loss_stuff_ce", "loss_contour", "loss_triplet"},
+    ),
+    # Table 4: P.F.G P2-6 / F.S.M P3-7, and P3-7 / P3-7 on the RetinaNet pyramid
+    "t4_pfg26_fsm37": (
+        [
+            "model.backbone.fpn_levels=p2s8-p7",
+            "model.spinet.pfg_levels=[p2,p3,p4,p5,p6]",
+            "model.spinet.fsm_levels=[p3,p4,p5,p6,p7]",
+        ],
+        None,
+    ),
+    "t4_p37": (
+        [
+            "model.backbone.fpn_levels=p3-p7",
+            "model.spinet.pfg_levels=[p3,p4,p5,p6,p7]",
+            "model.spinet.fsm_levels=[p3,p4,p5,p6,p7]",
+        ],
+        None,
+    ),
+    # Table 5: separate Panoptic-Features; S + 1 stuff kernels; Table 1's deformable trunk; the rest
+    "t5_separate_things_channel": (["model.spinet.integrated=false", "model.spinet.stuff_things_channel=true"], None),
+    "deform_bias_nodedup": (
+        [
+            "model.spinet.deformable=true",
+            "model.spinet.kernel_bias=true",
+            "model.spinet.dedup=none",
+            "model.spinet.triplet_negatives=same_class",
+            "model.backbone.stem=deeplab",
+            "model.spinet.bootstrap_ratio=1.0",
+        ],
+        None,
+    ),
+}
+ALL_LOSSES = {"loss_cls", "loss_thing_dice", "loss_stuff_ce", "loss_stuff_dice", "loss_contour", "loss_triplet"}
+
+
+@pytest.mark.parametrize("switch", sorted(SWITCHES))
+def test_switches_build_train_and_predict(switch: str) -> None:
+    overrides, loss_names = SWITCHES[switch]
+    batch, meta = synth_batch(2, size=(64, 64))
+    torch.manual_seed(0)
+    cfg = load_config(CONFIGS / "tiny_synth.yaml", [*TINY, *overrides, "model.spinet.score_thresh=0.0"])
+    model = build_model(cfg, meta).train()
+    losses = model(batch)
+    assert isinstance(losses, dict) and set(losses) == (loss_names or ALL_LOSSES)
+    sum(losses.values()).backward()
+    assert all(bool(torch.isfinite(v.detach())) for v in losses.values())
+    model.eval()
+    results = model(replace(batch, targets=None))
+    assert isinstance(results, list) and len(results) == 2
+    raw = results[0].raw
+    assert raw is not None and raw.masks is not None and raw.masks.shape[-2:] == (64, 64)
+    channels = meta.num_stuff + int(cfg.model.spinet.stuff_things_channel)
+    assert raw.sem_logits.shape == (channels, 64, 64)
+    assert raw.sem_space == ("stuff+things" if cfg.model.spinet.stuff_things_channel else "stuff")
+
+
+def test_triplet_loss_needs_two_instances() -> None:
+    batch, meta = synth_batch(1, size=(64, 64))
+    model = tiny_spinet(meta).train()
+    assert batch.targets is not None
+    target = batch.targets[0]
+    one = replace(target, masks=target.masks[:1], labels=target.labels[:1])
+    phi = torch.randn(1, 32, 16, 16, requires_grad=True)
+    masks4 = F.avg_pool2d(target.masks.float()[None], 4)[0]
+    loss = model._triplet_loss(phi, [one], [masks4[:1]])
+    assert float(loss.detach()) == 0.0
+    loss.backward()
+    assert phi.grad is not None and bool(torch.isfinite(phi.grad).all())
+    two = model._triplet_loss(phi, [target], [masks4])
+    assert float(two.detach()) > 0
+
+
+def test_bad_switches_are_named() -> None:
+    _, meta = synth_batch(1, size=(64, 64))
+    with pytest.raises(ValueError, match="model.spinet.dedup 'mask' unknown"):
+        tiny_spinet(meta, "model.spinet.dedup=mask")
+    with pytest.raises(ValueError, match=r"filter sampling module inputs \['p9'\]"):
+        tiny_spinet(meta, "model.spinet.fsm_levels=[p9]")
