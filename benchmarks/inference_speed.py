@@ -6,11 +6,18 @@ threads, median of `--runs` timed runs after one warm-up run. unipan's time is t
 `model(batch)` call: backbone, both branches and the panoptic fusion, at the input size.
 torchvision's is `maskrcnn_resnet50_fpn(...)([image])`, which pastes 100 full-image masks.
 
-Targets: Panoptic FPN R50 <= 1.10 x Mask R-CNN R50-FPN; UPSNet R50 <= 1.15 x Panoptic FPN R50.
+Targets: Panoptic FPN R50 <= 1.10 x Mask R-CNN R50-FPN; UPSNet R50 <= 1.15 x Panoptic FPN R50;
+AUNet R50 <= 1.10 x Panoptic FPN R50 (MACs beside it: --macs --models aunet).
+REFINE R50 <= 1.80 x Panoptic FPN R50 (the paper's 10.0 / 5.5 FPS; MACs: --macs --models refine).
 The fusion alone on 1024 x 2048 with 100 instances is `benchmarks/fusion_speed.py` (run here too
 with --fusion).
 
+Parameter counts against the papers (UPSNet R50: 46.1M on COCO, 44.5M on Cityscapes, SPINet's
+Table 2) are printed first; ``--params-only`` prints just them (models built on the meta device,
+no weights allocated, no timing).
+
 Run: ``python benchmarks/inference_speed.py [--runs 5] [--threads 2] [--models panoptic_fpn upsnet]``
+or ``python benchmarks/inference_speed.py --params-only``
 """
 
 from __future__ import annotations
@@ -43,18 +50,63 @@ def coco_sized_meta() -> DatasetMeta:
     return DatasetMeta(cats, name="coco-sized")
 
 
+def cityscapes_sized_meta() -> DatasetMeta:
+    """8 thing and 11 stuff categories, as Cityscapes-panoptic (names are placeholders)."""
+    cats = [{"id": 24 + i, "name": f"thing{i}", "isthing": 1} for i in range(8)]
+    cats += [{"id": 7 + i, "name": f"stuff{i}", "isthing": 0} for i in range(11)]
+    return DatasetMeta(cats, name="cityscapes-sized")
+
+
+# (model, config under configs/<model>/, dataset-sized meta, the paper's count, its source)
+PAPER_PARAMS: list[tuple[str, str, Callable[[], DatasetMeta], float, str]] = [
+    ("upsnet", "r50_coco", coco_sized_meta, 46.1e6, "UPSNet R50 COCO, SPINet Table 2"),
+    ("upsnet", "r50_cityscapes", cityscapes_sized_meta, 44.5e6, "UPSNet R50 Cityscapes, SPINet Table 2"),
+    ("spinet", "r50_cityscapes", cityscapes_sized_meta, 42.2e6, "SPINet R50 Cityscapes, SPINet Table 2"),
+]
+
+
+def param_counts(model_name: str, config: str, meta: DatasetMeta) -> tuple[int, int]:
+    """(nn.Parameters, nn.Parameters + frozen-BN affine buffers) of a paper config's model.
+
+    Built on the meta device: shapes only, no memory, no initialisation cost. The first number is
+    the one the papers report (46.08M for UPSNet R50 COCO); `n_params`, the timing table's count,
+    adds the frozen BatchNorm's weight and bias, which are buffers here and in torchvision.
+    """
+    cfg = load_config(config_dir() / model_name / f"{config}.yaml")
+    with torch.device("meta"):
+        model = build_model(cfg, meta)
+    return sum(p.numel() for p in model.parameters()), n_params(model)
+
+
+def print_paper_params() -> None:
+    """The PAPER_PARAMS block: ours against the papers' parameter counts."""
+    print(f"{'model (config)':<32}{'params (M)':>12}{'+frozen BN (M)':>16}{'paper (M)':>11}  source")
+    for model_name, config, make_meta, paper, source in PAPER_PARAMS:
+        params, with_bn = param_counts(model_name, config, make_meta())
+        label = f"{model_name} ({config})"
+        print(f"{label:<32}{params / 1e6:>12.2f}{with_bn / 1e6:>16.2f}{paper / 1e6:>11.1f}  {source}")
+
+
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters()) + sum(
         b.numel() for name, b in model.named_buffers() if name.endswith(("weight", "bias"))
     )
 
 
+def _sync() -> None:
+    """Wait for queued CUDA work (a no-op on the CPU), so that a timing covers the kernels."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def time_runs(fn: Callable[[], object], runs: int) -> tuple[float, object]:
     out = fn()  # warm-up: allocator, lazy inits
     times = []
     for _ in range(runs):
+        _sync()
         t0 = time.perf_counter()
         out = fn()
+        _sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), out
 
@@ -62,6 +114,28 @@ def time_runs(fn: Callable[[], object], runs: int) -> tuple[float, object]:
 # Per model: the overrides that let random weights keep DETECTIONS detections, whatever keys the
 # model's own detection filter uses. A registered model without an entry runs with its config as is.
 BENCH_OVERRIDES: dict[str, list[str]] = {
+    # Untrained class scores sit at the prior (0.01): a threshold of 0 lets every location yield a
+    # filter; 20 candidates per level (5 levels on COCO) bound the single-shot conv at 100 thing
+    # kernels before the mask-box NMS, the count the other models keep
+    "spinet": [
+        "model.spinet.score_thresh=0.0",
+        "model.spinet.pre_topk=20",
+        f"model.spinet.max_detections={DETECTIONS}",
+        "model.fusion.instance_score_thresh=0.0",
+    ],
+    "refine": [
+        "model.roi_heads.score_thresh=0.0",
+        f"model.roi_heads.detections_per_img={DETECTIONS}",
+        # every detection goes through IBPP, the occlusion head's candidate pairs and the fusion
+        "model.fusion.instance_score_thresh=0.0",
+    ],
+    "aunet": [
+        "model.roi_heads.score_thresh=0.0",
+        f"model.roi_heads.detections_per_img={DETECTIONS}",
+        # MAM on all DETECTIONS (trained: those above the fusion's 0.5, which random scores never
+        # reach); the fusion itself stays Panoptic FPN's
+        "model.aunet.mam_score_thresh=0.0",
+    ],
     "panoptic_fpn": ["model.roi_heads.score_thresh=0.0", f"model.roi_heads.detections_per_img={DETECTIONS}"],
     "upsnet": [
         "model.roi_heads.score_thresh=0.0",
@@ -71,6 +145,15 @@ BENCH_OVERRIDES: dict[str, list[str]] = {
         "model.fusion.nms_thresh=1.0",
         f"model.fusion.max_detections={DETECTIONS}",
     ],
+    # Untrained sigmoid scores sit at the prior (0.01), under the 0.05 score threshold. At a threshold
+    # of 0 every (anchor, class) pair reaches the class-wise NMS: 5 levels x 1000 anchors x 80
+    # classes = 400k candidates, where Panoptic FPN's box head gives 1000 x 80 = 80k; 200 anchors
+    # per level give the same 80k (a trained model's 0.05 threshold keeps far fewer than either).
+    "spatialflow": [
+        "model.spatialflow.score_thresh=0.0",
+        f"model.spatialflow.max_detections={DETECTIONS}",
+        "model.spatialflow.nms_pre=200",
+    ],
 }
 
 
@@ -79,18 +162,93 @@ def unipan_model(name: str, meta: DatasetMeta) -> nn.Module:
     return build_model(cfg, meta).eval()
 
 
+MAC_SIZES = ((800, 1216), (600, 1000))
+
+
+def count_macs(fn: Callable[[], object]) -> int:
+    """Multiply-accumulates of one call, as `torch.utils.flop_counter` counts them (FLOPs / 2).
+
+    Convolutions and matrix products are counted; RoIAlign, NMS, grid sampling and element-wise
+    ops are not (they are a small part of these models).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() // 2
+
+
+def mac_comparison(names: list[str], runs: int, device: torch.device) -> None:
+    """Time, parameters and MACs of each model beside Panoptic FPN R50 at each of `MAC_SIZES`.
+
+    The target of a model whose heads cost more than Panoptic FPN's (SpatialFlow): its time ratio
+    to Panoptic FPN within 1.1 x its MAC ratio, i.e. no time spent beyond the compute it needs.
+    """
+    meta = coco_sized_meta()
+    names = ["panoptic_fpn", *[n for n in names if n != "panoptic_fpn"]]
+    models = {name: unipan_model(name, meta).to(device) for name in names}
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
+    for h, w in MAC_SIZES:
+        image01 = torch.rand(3, h, w, device=device)
+        batch = Batch(
+            images=((image01 * 255 - mean) / std)[None],
+            image_sizes=[(h, w)],
+            image_ids=["bench"],
+            original_sizes=[(h, w)],
+        )
+        rows = {}
+        for name, model in models.items():
+            with torch.inference_mode():
+                seconds, out = time_runs(lambda model=model, batch=batch: model(batch), runs)
+            with torch.no_grad():
+                macs = count_macs(lambda model=model, batch=batch: model(batch))
+            raw = out[0].raw  # type: ignore[index]
+            rows[name] = (seconds, n_params(model), macs, len(raw) if raw is not None else -1)
+        print(f"\n{h}x{w} input, median of {runs} runs after 1 warm-up, random weights, {DETECTIONS} detections")
+        header = f"{'model':<24}{'seconds':>10}{'params (M)':>12}{'GMACs':>10}{'dets':>6}"
+        print(f"{header}{'time ratio':>12}{'MAC ratio':>11}")
+        base_s, _, base_macs, _ = rows["panoptic_fpn"]
+        for name, (sec, params, macs, dets) in rows.items():
+            print(
+                f"{name:<24}{sec:>10.2f}{params / 1e6:>12.2f}{macs / 1e9:>10.1f}{dets:>6}"
+                f"{sec / base_s:>12.3f}{macs / base_macs:>11.3f}"
+            )
+        for name, (sec, _, macs, _) in rows.items():
+            if name != "panoptic_fpn":
+                r = (sec / base_s) / (macs / base_macs)
+                verdict = "met" if r <= 1.10 else "NOT met"
+                print(f"{name}: time ratio / MAC ratio = {r:.3f}  (target <= 1.10: {verdict})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5, help="timed runs per model (median is reported)")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--models", nargs="+", default=sorted(MODELS), help="unipan models (default: every registered one)")
     ap.add_argument("--fusion", action="store_true", help="also run benchmarks/fusion_speed.py")
+    ap.add_argument("--params-only", action="store_true", help="print the parameter counts against the papers only")
+    ap.add_argument("--device", default="cpu", help="cpu (default) | cuda (benchmarks/gpu_check.sh)")
+    ap.add_argument(
+        "--macs",
+        action="store_true",
+        help="time, parameters and MACs of --models beside Panoptic FPN at 800x1216 and 600x1000, then exit",
+    )
     args = ap.parse_args()
+    if args.macs:
+        torch.set_num_threads(args.threads)
+        torch.manual_seed(0)
+        mac_comparison(args.models, args.runs, torch.device(args.device))
+        return
+    print_paper_params()
+    if args.params_only:
+        return
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     meta = coco_sized_meta()
     h, w = IMAGE_SIZE
-    image01 = torch.rand(3, h, w)
+    device = torch.device(args.device)
+    image01 = torch.rand(3, h, w).to(device)
 
     from torchvision.models.detection import maskrcnn_resnet50_fpn
 
@@ -103,13 +261,14 @@ def main() -> None:
         min_size=h,
         max_size=max(h, w),
     ).eval()
+    tv.to(device)
     with torch.inference_mode():
         tv_s, tv_out = time_runs(lambda: tv([image01]), args.runs)
     tv_dets = len(tv_out[0]["boxes"])  # type: ignore[index]
     rows = [("torchvision maskrcnn_resnet50_fpn", tv_s, n_params(tv), tv_dets)]
 
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
     batch = Batch(
         images=((image01 * 255 - mean) / std)[None],
         image_sizes=[(h, w)],
@@ -118,7 +277,7 @@ def main() -> None:
     )
     times: dict[str, float] = {}
     for name in args.models:
-        model = unipan_model(name, meta)
+        model = unipan_model(name, meta).to(device)
         with torch.inference_mode():
             s, out = time_runs(lambda model=model: model(batch), args.runs)
         raw = out[0].raw  # type: ignore[index]
@@ -126,7 +285,8 @@ def main() -> None:
         times[name] = s
         rows.append((f"unipan {name} R50", s, n_params(model), dets))
 
-    print(f"\n{h}x{w} input, {args.threads} threads, median of {args.runs} runs after 1 warm-up, random weights\n")
+    where = f"{args.threads} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    print(f"\n{h}x{w} input, {where}, median of {args.runs} runs after 1 warm-up, random weights\n")
     print(f"{'model':<40}{'seconds':>10}{'params (M)':>13}{'detections':>12}")
     for label, s, p, d in rows:
         print(f"{label:<40}{s:>10.2f}{p / 1e6:>13.2f}{d:>12}")
@@ -137,6 +297,13 @@ def main() -> None:
     if "upsnet" in times and "panoptic_fpn" in times:
         r = times["upsnet"] / times["panoptic_fpn"]
         print(f"UPSNet / Panoptic FPN:     {r:.3f}  (target <= 1.15: {'met' if r <= 1.15 else 'NOT met'})")
+    if "refine" in times and "panoptic_fpn" in times:
+        # the paper's REFINE R101-DCN vs Panoptic FPN R101: 10.0 / 5.5 FPS (Table 2)
+        r = times["refine"] / times["panoptic_fpn"]
+        print(f"REFINE / Panoptic FPN:     {r:.3f}  (target <= 1.80: {'met' if r <= 1.80 else 'NOT met'})")
+    if "aunet" in times and "panoptic_fpn" in times:
+        r = times["aunet"] / times["panoptic_fpn"]
+        print(f"AUNet / Panoptic FPN:      {r:.3f}  (target <= 1.10: {'met' if r <= 1.10 else 'NOT met'})")
     if args.fusion:
         here = Path(__file__).resolve().parent
         subprocess.run([sys.executable, str(here / "fusion_speed.py")], check=True)

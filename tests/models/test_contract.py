@@ -82,6 +82,21 @@ def all_space_to_stuff_things(raw: RawPrediction, meta: DatasetMeta) -> RawPredi
     )
 
 
+def all_space_to_stuff(raw: RawPrediction, meta: DatasetMeta) -> RawPrediction:
+    """An "all"-space oracle as a stuff-only ("stuff", S channels) semantic prediction (SPINet).
+
+    Thing pixels are left to the full-image GT masks; the fusion computes sem_pred.
+    """
+    assert raw.masks is not None
+    return replace(raw, sem_logits=raw.sem_logits[: meta.num_stuff], sem_space="stuff", sem_pred=None, mask_probs=None)
+
+
+def with_no_relations(raw: RawPrediction, meta: DatasetMeta) -> RawPrediction:
+    """The "all"-space oracle with an empty occlusion relation (REFINE's fusion reads the extras)."""
+    empty = torch.zeros((0, 2), dtype=torch.long)
+    return replace(raw, extras={**raw.extras, "occ_pairs": empty, "occ_prob": torch.zeros((0, 2))})
+
+
 def unchanged(raw: RawPrediction, meta: DatasetMeta) -> RawPrediction:
     """The "all"-space oracle is already what the model's fusion reads."""
     return raw
@@ -122,6 +137,49 @@ class ModelCase:
 
 
 MODEL_CASES: dict[str, ModelCase] = {
+    "aunet": ModelCase(
+        # the paper's 28x28 MAM (as the tiny config; 14x14 is a switch, tests/models/test_aunet.py)
+        overrides=[
+            *TINY_MASK_RCNN,
+            "model.semantic.conv_dims=32",
+            "model.aunet.reweight_gn_groups=8",
+            "model.aunet.mam_mask_resolution=28",
+        ],
+        loss_names=MASK_RCNN_LOSSES | {"loss_sem_seg"},
+        zero_without_instances=frozenset({"loss_mask", "loss_box_reg"}),
+        sem_space="stuff+things",
+        raw_fields=frozenset(
+            {"mask_probs", "sem_pred", "mask_logits", "attention_mam"} | {f"attention_p{k}" for k in range(2, 6)}
+        ),
+        mask_resolution=28,
+        detect_overrides=["model.roi_heads.score_thresh=0.0", "model.fusion.instance_score_thresh=0.0"],
+        no_detection_overrides=["model.roi_heads.score_thresh=1.0"],
+        oracle_overrides=["model.fusion.stuff_area=0"],
+        oracle_input=all_space_to_stuff_things,
+    ),
+    "refine": ModelCase(
+        overrides=[
+            *TINY_MASK_RCNN,
+            "model.semantic.conv_dims=32",
+            "model.refine.ibpp_iterations=2",
+            "model.refine.semantic_embed_channels=32",
+            "model.refine.refine_sem_channels=32",
+            "model.occlusion.conv_channels=32",
+            "model.occlusion.fc_dim=64",
+        ],
+        loss_names=(MASK_RCNN_LOSSES - {"loss_mask"})
+        | {"loss_sem_seg", "loss_mask_t1", "loss_mask_t2", "loss_sem_seg_t1", "loss_sem_seg_t2", "loss_occlusion"},
+        zero_without_instances=frozenset({"loss_box_reg", "loss_mask_t1", "loss_mask_t2", "loss_occlusion"}),
+        sem_space="all",
+        raw_fields=frozenset({"mask_probs", "sem_pred", "mask_logits", "occ_pairs", "occ_prob"}),
+        mask_resolution=28,
+        detect_overrides=["model.roi_heads.score_thresh=0.0", "model.fusion.instance_score_thresh=0.0"],
+        # Unknown Erasing voids every region of an untrained (unconfident) semantic head
+        no_detection_overrides=["model.roi_heads.score_thresh=1.0", "model.fusion.unknown_erasing=false"],
+        # SOE (no relations among non-overlapping GT masks) and Unknown Erasing stay on
+        oracle_overrides=["model.fusion.stuff_area=0"],
+        oracle_input=with_no_relations,
+    ),
     "panoptic_fpn": ModelCase(
         overrides=[*TINY_MASK_RCNN, "model.semantic.conv_dims=32"],
         loss_names=MASK_RCNN_LOSSES | {"loss_sem_seg"},
@@ -152,7 +210,61 @@ MODEL_CASES: dict[str, ModelCase] = {
         oracle_overrides=["model.fusion.stuff_area=0", "model.fusion.filter_detections=false"],
         oracle_input=unchanged,
     ),
+    # the tiny config with narrower widths, fewer anchors kept and detections
+    "spatialflow": ModelCase(
+        overrides=[
+            "model.backbone.base_width=16",
+            "model.backbone.fpn_channels=32",
+            "model.spatialflow.nms_pre=100",
+            "model.spatialflow.max_detections=20",
+            "model.mask_head.conv_dims=32",
+            "model.stuff.conv_dims=32",
+        ],
+        loss_names=frozenset({"loss_cls", "loss_box_reg", "loss_mask", "loss_stuff"}),
+        zero_without_instances=frozenset({"loss_mask", "loss_box_reg"}),
+        sem_space="stuff+things",
+        raw_fields=frozenset({"mask_probs", "sem_pred", "mask_logits"}),
+        mask_resolution=28,
+        # an untrained classifier scores about its prior (0.01): a threshold of 0 keeps its detections
+        # (the tiny config's wider tower init, 0.05, spreads the scores well above float noise)
+        detect_overrides=["model.spatialflow.score_thresh=0.0", "model.fusion.instance_score_thresh=0.0"],
+        # sigmoid scores never exceed 1: no detection survives
+        no_detection_overrides=["model.spatialflow.score_thresh=1.0"],
+        oracle_overrides=["model.fusion.stuff_area=0"],
+        oracle_input=all_space_to_stuff_things,
+    ),
+    # 32-wide heads, 2-conv FSM towers; the paper's S stuff kernels (sem_space "stuff")
+    "spinet": ModelCase(
+        overrides=[
+            "model.backbone.base_width=16",
+            "model.backbone.fpn_channels=32",
+            "model.spinet.panoptic_channels=32",
+            "model.spinet.filter_channels=32",
+            "model.spinet.pfg_channels=32",
+            "model.spinet.triplet_dim=16",
+            "model.spinet.fsm_num_convs=2",
+            "model.spinet.max_detections=20",
+        ],
+        loss_names=frozenset(
+            {"loss_cls", "loss_thing_dice", "loss_stuff_ce", "loss_stuff_dice", "loss_contour", "loss_triplet"}
+        ),
+        zero_without_instances=frozenset({"loss_thing_dice", "loss_triplet"}),
+        sem_space="stuff",
+        raw_fields=frozenset({"sem_pred"}),
+        mask_resolution=0,  # full-image masks, no mask_probs
+        # scores of the FCOS init (std 0.01) all lie near the prior, where float noise reorders them
+        detect_overrides=[
+            "model.spinet.score_thresh=0.0",
+            "model.fusion.instance_score_thresh=0.0",
+            "model.spinet.head_init_std=0.1",
+        ],
+        # sigmoid scores never exceed 1: no location yields a filter
+        no_detection_overrides=["model.spinet.score_thresh=1.0"],
+        oracle_overrides=["model.fusion.stuff_area=0"],
+        oracle_input=all_space_to_stuff,
+    ),
 }
+
 
 NAMES = sorted(MODELS)
 

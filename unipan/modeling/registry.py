@@ -11,15 +11,23 @@ from typing import Any
 
 from unipan.config import Config
 from unipan.modeling.meta_arch import PanopticModel
+from unipan.modeling.models.aunet import build_aunet
 from unipan.modeling.models.panoptic_fpn import build_panoptic_fpn
+from unipan.modeling.models.refine import build_refine
+from unipan.modeling.models.spatialflow import build_spatialflow
+from unipan.modeling.models.spinet import build_spinet
 from unipan.modeling.models.upsnet import build_upsnet
 from unipan.structures import DatasetMeta
 
 __all__ = ["MODELS", "build_model"]
 
 MODELS: dict[str, Callable[[Any, DatasetMeta], PanopticModel]] = {
+    "aunet": build_aunet,
     "panoptic_fpn": build_panoptic_fpn,
+    "refine": build_refine,
     "upsnet": build_upsnet,
+    "spatialflow": build_spatialflow,
+    "spinet": build_spinet,
 }
 
 
