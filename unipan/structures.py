@@ -355,6 +355,9 @@ class RawPrediction:
             first, then things, UPSNet/REFINE).
         sem_pred: LongTensor[h, w] argmax of `sem_logits` when the model already computed it
             (on its device, where it is cheap); fusion computes it otherwise.
+        mask_boxes_tight: True when `masks` are given and `boxes` are their tight boxes (x1/y1
+            exclusive, as `masks_to_boxes`): the fusion then crops each mask to its box without a
+            pass over the full-image masks (SPINet, whose boxes come from its masks).
         extras: model-specific outputs (e.g. mask logits for UPSNet's panoptic head).
     """
 
@@ -366,6 +369,7 @@ class RawPrediction:
     masks: Tensor | None = None
     sem_space: SemSpace = "stuff+things"
     sem_pred: Tensor | None = None
+    mask_boxes_tight: bool = False
     extras: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:

@@ -29,6 +29,7 @@ from unipan.structures import (
     PanopticTarget,
     RawPrediction,
     SegmentInfo,
+    masks_to_boxes,
 )
 
 # Things and stuff interleaved, ids non-contiguous: thing index 0 = id 7, 1 = id 9; stuff index
@@ -453,6 +454,15 @@ def test_windowed_fusion_equals_naive_reference(seed: int) -> None:
     # the same prediction with the argmax handed over
     raw.sem_pred = raw.sem_logits.argmax(0)
     assert torch.equal(heuristic_fusion(raw, META, **kwargs).panoptic, ref_map)
+    # full-image masks instead of RoI probabilities: the windows from the masks themselves, or
+    # from their tight boxes handed over (mask_boxes_tight), give the same result
+    full = paste_masks_in_image(raw.mask_probs, raw.boxes, (h, w)) >= 0.5
+    with_masks = dataclasses.replace(raw, masks=full, mask_probs=None)
+    expected = heuristic_fusion(with_masks, META, **kwargs)
+    tight = dataclasses.replace(with_masks, boxes=masks_to_boxes(full), mask_boxes_tight=True)
+    got = heuristic_fusion(tight, META, **kwargs)
+    assert torch.equal(got.panoptic, expected.panoptic)
+    assert [(s.category_id, s.score) for s in got.segments] == [(s.category_id, s.score) for s in expected.segments]
 
 
 def test_bad_boxes_are_reported() -> None:

@@ -111,11 +111,14 @@ def _instance_windows(
     `raw.mask_probs` pasted into `raw.boxes` and binarised at `mask_thresh`.
     """
     if raw.masks is not None:
-        masks = raw.masks[order]
-        # tight boxes of the full-image masks (x1/y1 exclusive) are exactly their windows
-        boxes = masks_to_boxes(masks).long().tolist()
-        for i, (x0, y0, x1, y1) in enumerate(boxes):
-            mask = masks[i, y0:y1, x0:x1]
+        # tight boxes of the full-image masks (x1/y1 exclusive) are exactly their windows; given
+        # them, each mask is a view of its window (no copy of the stack, no pass over whole masks)
+        if raw.mask_boxes_tight:
+            boxes = raw.boxes[order].long().tolist()
+        else:
+            boxes = masks_to_boxes(raw.masks[order]).long().tolist()
+        for i, (x0, y0, x1, y1) in zip(order.tolist(), boxes, strict=True):
+            mask = raw.masks[i, y0:y1, x0:x1]
             yield mask, int(torch.count_nonzero(mask)), (y0, y1, x0, x1)
         return
     assert raw.mask_probs is not None

@@ -406,6 +406,7 @@ def image_prediction(
         masks=masks,
         sem_space=sem_space,
         sem_pred=sem_logits.argmax(dim=0),
+        mask_boxes_tight=True,
     )
 
 
