@@ -64,6 +64,7 @@ def object_sized(raw: RawPrediction, size: tuple[int, int], n: int = 100) -> Raw
         masks=masks,
         sem_space=raw.sem_space,
         sem_pred=raw.sem_pred,
+        mask_boxes_tight=True,  # as SPINet's own predictions: boxes from the masks
     )
 
 
