@@ -61,6 +61,13 @@ def run(out: Path, name: str, overrides: list[str]) -> tuple[Path, float]:
     return Path(trained.checkpoint), time.perf_counter() - t0
 
 
+def training_seconds(checkpoint: Path) -> float:
+    """Training wall seconds of a `unipan demo` checkpoint (`<demo>/run/model_final.pth`), from the
+    demo's report.json; NaN when there is none."""
+    report = checkpoint.parent.parent / "report.json"
+    return float(json.loads(report.read_text())["train_seconds"]) if report.is_file() else float("nan")
+
+
 @torch.no_grad()
 def rows_of(checkpoint: Path, settings: list[dict[str, Any]]) -> list[PQResult]:
     loaded = load_model_from_checkpoint(checkpoint, "cpu")
@@ -84,8 +91,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/refine_table3"))
     parser.add_argument("--equal-time", action="store_true", help="give the base the full model's training time")
+    parser.add_argument(
+        "--full-weights",
+        type=Path,
+        default=None,
+        help="the full model's checkpoint from a run of the same config (`unipan demo --model refine`'s "
+        "run/model_final.pth) instead of training it again; its training time is read from the demo's report.json",
+    )
     args = parser.parse_args(argv)
-    full_ckpt, full_s = run(args.out, "full", [])
+    if args.full_weights is None:
+        full_ckpt, full_s = run(args.out, "full", [])
+    else:
+        full_ckpt, full_s = args.full_weights, training_seconds(args.full_weights)
     base_overrides = list(BASE)
     if args.equal_time:
         steps = load_config(config_dir() / "refine" / "tiny_synth.yaml").solver.max_iter
