@@ -190,6 +190,19 @@ def test_eval_and_predict_of_a_bad_checkpoint_say_why_in_one_line(
         assert "weights_only" not in line
 
 
+def test_a_malicious_backbone_weights_file_is_refused_unrun(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    evil = tmp_path / "trunk.pth"
+    torch.save({"conv1.weight": Evil()}, evil)
+    argv = ["train", CONFIG, *TINY, f"engine.output_dir={tmp_path / 'run'}", f"model.backbone.weights={evil}",
+            f"data.synth_root={run / 'synthetic'}"]  # fmt: skip
+    assert main(argv) == 2
+    line = one_error_line(capsys, "train")
+    assert f"backbone weights {evil}: cannot load: it holds a pickled object (print)" in line, line
+    assert "weights_only" not in line
+
+
 # --- devices, configs, data -------------------------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,7 @@ __all__ = [
     "check_writable_folder",
     "load_json",
     "save_json",
+    "torch_load_failure",
 ]
 
 TEMP_SUFFIX = ".tmp"
@@ -115,3 +117,28 @@ def check_writable_folder(path: str | os.PathLike[str], what: str = "output fold
         reason = e.strerror or str(e)
         raise OSError(f"{what} {path} cannot be written: {reason[:1].lower()}{reason[1:]}") from e
     return path
+
+
+def torch_load_failure(e: BaseException) -> str:
+    """Why `torch.load(weights_only=True)` failed, in a few words for the user.
+
+    torch's messages run over many lines and advise retrying with `weights_only=False`, which
+    would run whatever code a malicious file holds; unipan never does, so that advice is not
+    passed on.
+    """
+    text = str(e)
+    if isinstance(e, EOFError) or not text.strip():
+        return "the file is empty or cut short"
+    if "Weights only load failed" in text or type(e).__name__ == "UnpicklingError":
+        if m := re.search(r"Unsupported global: GLOBAL ([\w.]+)", text):
+            return (
+                f"it holds a pickled object ({m.group(1)}) that unipan does not load: a unipan checkpoint is "
+                "tensors and plain data only"
+            )
+        return (
+            "it is not a PyTorch checkpoint of tensors and plain data (a pickle of other objects, or not a checkpoint)"
+        )
+    if "zip archive" in text or "central directory" in text:
+        return "not a complete PyTorch checkpoint (truncated, damaged, or another kind of file)"
+    first = text.strip().splitlines()[0]
+    return f"{type(e).__name__}: {first.split('. ')[0]}"

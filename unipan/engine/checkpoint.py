@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from unipan.config import Config, config_to_dict
-from unipan.io import atomic_write, atomic_write_text
+from unipan.io import atomic_write, atomic_write_text, torch_load_failure
 from unipan.structures import DatasetMeta
 
 if TYPE_CHECKING:
@@ -413,7 +413,7 @@ def read_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"checkpoint {path} cannot be read: {_load_failure(e)}") from e
+        raise CheckpointError(f"checkpoint {path} cannot be read: {torch_load_failure(e)}") from e
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in _REQUIRED_KEYS):
         have = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(
@@ -423,26 +423,6 @@ def read_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     if int(config.get("config_version", 1)) == 1 and isinstance(ckpt["model"], dict):
         ckpt["model"] = _migrate_state_dict_v1(str(ckpt["model_name"]), ckpt["model"])
     return ckpt
-
-
-def _load_failure(e: Exception) -> str:
-    """Why torch.load failed, in a few words: never torch's advice to load with weights_only=False."""
-    text = str(e)
-    if isinstance(e, EOFError) or not text.strip():
-        return "the file is empty or cut short"
-    if "Weights only load failed" in text or type(e).__name__ == "UnpicklingError":
-        if m := re.search(r"Unsupported global: GLOBAL ([\w.]+)", text):
-            return (
-                f"it holds a pickled object ({m.group(1)}) that unipan does not load: a unipan checkpoint is "
-                "tensors and plain data only"
-            )
-        return (
-            "it is not a PyTorch checkpoint of tensors and plain data (a pickle of other objects, or not a checkpoint)"
-        )
-    if "zip archive" in text or "central directory" in text:
-        return "not a complete PyTorch checkpoint (truncated, damaged, or another kind of file)"
-    first = text.strip().splitlines()[0]
-    return f"{type(e).__name__}: {first.split('. ')[0]}"
 
 
 def _migrate_state_dict_v1(model_name: str, state: dict[str, Any]) -> dict[str, Any]:
