@@ -362,5 +362,7 @@ def test_the_shipped_configs_are_found_by_name(capsys: pytest.CaptureFixture[str
 
     assert resolve_config_path("panoptic_fpn/tiny_synth") == config_file()
     assert resolve_config_path("upsnet/r50_coco.yaml") == config_dir() / "upsnet" / "r50_coco.yaml"
+    # the path of a source checkout before the configs moved into the package
+    assert resolve_config_path(Path("configs") / "panoptic_fpn" / "tiny_synth.yaml") == config_file()
     assert main(["train", "nope/x"]) == 2
     assert "config nope/x: no such file, nor a shipped config" in one_error_line(capsys, "train")

@@ -25,7 +25,7 @@ from unipan.config import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
+CONFIGS = REPO / "unipan" / "configs"
 BASES = CONFIGS / "base"
 MODEL_FOLDERS = sorted(p for p in CONFIGS.iterdir() if p.is_dir() and p != BASES)
 
@@ -575,3 +575,17 @@ def test_model_configs_match_the_model_registry():
     from unipan.modeling.registry import MODELS
 
     assert set(MODEL_CONFIGS) == set(MODELS)
+
+
+def test_the_configs_ship_inside_the_package():
+    """`unipan demo` and `unipan train <model>/<name>` need them after a non-editable install."""
+    import tomllib
+
+    import unipan
+    from unipan.config import config_dir
+
+    assert config_dir() == Path(unipan.__file__).resolve().parent / "configs" == CONFIGS
+    with open(REPO / "pyproject.toml", "rb") as f:
+        patterns = tomllib.load(f)["tool"]["setuptools"]["package-data"]["unipan"]
+    packaged = {p for pattern in patterns for p in (REPO / "unipan").glob(pattern)}
+    assert packaged == set(CONFIGS.rglob("*.yaml")) and len(packaged) > 20

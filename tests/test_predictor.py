@@ -313,7 +313,7 @@ def test_from_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_real_panoptic_fpn_end_to_end() -> None:
     """The registered Panoptic FPN (random weights, tiny config) through the Predictor and fusion."""
-    tiny = REPO / "configs" / "panoptic_fpn" / "tiny_synth.yaml"
+    tiny = REPO / "unipan" / "configs" / "panoptic_fpn" / "tiny_synth.yaml"
     if not tiny.is_file():
         pytest.skip("tiny Panoptic FPN config not available yet")
     from unipan.data.synthetic import synth_meta

@@ -829,7 +829,7 @@ def test_config_built_panoptic_fpn_trains_and_resumes_exactly(tmp_path: Path) ->
         "engine.eval_period=0",
         "engine.num_threads=0",
     ]
-    config = TESTS.parents[1] / "configs" / "panoptic_fpn" / "tiny_synth.yaml"
+    config = TESTS.parents[1] / "unipan" / "configs" / "panoptic_fpn" / "tiny_synth.yaml"
     a, b = tmp_path / "a", tmp_path / "b"
     result = train(load_config(config, [*overrides, f"engine.output_dir={a}"]))
     assert result.checkpoint == a / "model_final.pth"

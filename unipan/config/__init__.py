@@ -421,7 +421,7 @@ def save_config(cfg: Config, path: str | os.PathLike[str]) -> None:
 # --- the shipped configs -----------------------------------------------------------------------
 def config_dir() -> Path:
     """The configs shipped with unipan (`configs/<model>/*.yaml`, `configs/base/`)."""
-    path = Path(__file__).resolve().parents[2] / "configs"
+    path = Path(__file__).resolve().parents[1] / "configs"
     if not path.is_dir():
         raise ConfigError(f"{path}: the shipped configs folder is missing (a broken installation)")
     return path
