@@ -127,6 +127,10 @@ class MetricsWriter:
         elif damaged:
             # the file is rewritten without them below; its old text stays readable beside it
             backup = self.path.with_name(f"{METRICS_FILE}.damaged")
+            k = 1
+            while backup.exists():  # an earlier repair's copy stays too
+                k += 1
+                backup = self.path.with_name(f"{METRICS_FILE}.damaged-{k}")
             atomic_write_bytes(backup, self.path.read_bytes())
             logger.warning(
                 "%s: %d damaged line(s) (%s) left out; the file as it was is kept as %s",
