@@ -1,6 +1,6 @@
 """AUNet's Table 1 on the synthetic set: each row trained with the tiny config, equal budget, one table.
 
-Every row is `unipan demo --model aunet` (configs/aunet/tiny_synth.yaml: same data, seed, schedule
+Every row is `unipan demo --model aunet` (unipan/configs/aunet/tiny_synth.yaml: same data, seed, schedule
 and steps) with the row's overrides from `unipan.modeling.models.aunet.TABLE1_ROWS`; "e2e" is
 Panoptic FPN's tiny demo with AUNet's loss weights. AP is the evaluator's mask AP (as the paper's);
 mIoU is the BG branch's, over its own classes (stuff + "things").
@@ -44,9 +44,7 @@ def main() -> None:
             "wall_seconds": time.perf_counter() - t0,
         }
         (args.out / "table1.json").write_text(json.dumps(results, indent=2))
-    print(
-        f"\nAUNet Table 1 on the synthetic set (configs/aunet/tiny_synth.yaml, overrides {args.overrides or 'none'})\n"
-    )
+    print(f"\nAUNet Table 1 on the synthetic set (config aunet/tiny_synth, overrides {args.overrides or 'none'})\n")
     print("| row | overrides | PQ | PQ Things | PQ Stuff | mask AP | mIoU | train s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for row, r in results.items():

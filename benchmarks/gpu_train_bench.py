@@ -1,6 +1,6 @@
 """Training and inference cost of every registered model at COCO size, one table (CUDA, AMP).
 
-For each model of `unipan.modeling.registry.MODELS` (sorted), with its `configs/<model>/r50_coco.yaml`
+For each model of `unipan.modeling.registry.MODELS` (sorted), with its `unipan/configs/<model>/r50_coco.yaml`
 (random init: no backbone weights), COCO-sized heads (80 thing, 53 stuff classes) and batches of
 synthetic scenes (the synthetic generator's shapes at the requested size, their categories spread
 over the COCO-sized classes):
@@ -105,7 +105,7 @@ def bench_model(
     infer_runs: int,
 ) -> dict[str, Any]:
     """Train s/iter, inference ms and peak memories of one model (see the module docstring)."""
-    cfg = load_config(ROOT / "configs" / name / "r50_coco.yaml")  # no backbone weights: random init
+    cfg = load_config(ROOT / "unipan" / "configs" / name / "r50_coco.yaml")  # no backbone weights: random init
     torch.manual_seed(0)
     model = build_model(cfg, meta).to(device)
     # the batches differ from the configs' in size; the step is the model's, so the model's padding

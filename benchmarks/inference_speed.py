@@ -57,7 +57,7 @@ def cityscapes_sized_meta() -> DatasetMeta:
     return DatasetMeta(cats, name="cityscapes-sized")
 
 
-# (model, config under configs/<model>/, dataset-sized meta, the paper's count, its source)
+# (model, config under unipan/configs/<model>/, dataset-sized meta, the paper's count, its source)
 PAPER_PARAMS: list[tuple[str, str, Callable[[], DatasetMeta], float, str]] = [
     ("upsnet", "r50_coco", coco_sized_meta, 46.1e6, "UPSNet R50 COCO, SPINet Table 2"),
     ("upsnet", "r50_cityscapes", cityscapes_sized_meta, 44.5e6, "UPSNet R50 Cityscapes, SPINet Table 2"),

@@ -1,6 +1,6 @@
 """REFINE's Table 3 (component analysis) on the synthetic set, from equal-budget runs.
 
-Two trainings of configs/refine/tiny_synth.yaml with the same data, schedule and seed:
+Two trainings of unipan/configs/refine/tiny_synth.yaml with the same data, schedule and seed:
 
 - base: `model.refine.ibpp_iterations=0 model.occlusion.enabled=false` (Panoptic FPN with the
   all-class semantic head: the paper's baseline);

@@ -1,7 +1,7 @@
 """SPINet's Table 2 on the CPU: network and post-processing time beside UPSNet and Panoptic FPN.
 
 Setting (the paper's Cityscapes one): one 1024 x 2048 image, 8 thing and 11 stuff classes, the
-`configs/<model>/r50_cityscapes.yaml` models with random weights, 100 instances on every side
+`unipan/configs/<model>/r50_cityscapes.yaml` models with random weights, 100 instances on every side
 (`inference_speed.BENCH_OVERRIDES`; SPINet's 4 levels give 25 candidates each and its NMS keeps
 them all), `--threads` CPU threads, median of `--runs` timed rounds after one warm-up round (the
 models take turns). "Network" is `model.raw_predictions` (everything up to the RawPrediction: for

@@ -1,6 +1,6 @@
 """SPINet's Table 3 (Hwang et al. 2021, Sec. 5.4) on the synthetic set, and both stuff-kernel variants.
 
-Each row trains the tiny config (`configs/spinet/tiny_synth.yaml`, the `unipan demo --model spinet`
+Each row trains the tiny config (`unipan/configs/spinet/tiny_synth.yaml`, the `unipan demo --model spinet`
 schedule) with one combination of the loss switches and evaluates PQ on the synthetic val split:
 
 - M.C.D: multi-class dice on the stuff softmax (``model.spinet.multiclass_dice``)

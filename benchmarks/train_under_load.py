@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "panoptic_fpn" / "tiny_synth.yaml"
+CONFIG = ROOT / "unipan" / "configs" / "panoptic_fpn" / "tiny_synth.yaml"
 OMP_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "KMP_BLOCKTIME")
 BUSY_LOOP = "while True:\n    pass\n"
 

@@ -123,3 +123,23 @@ def test_configure_threads_keeps_what_the_user_set() -> None:
     assert added == {k: v for k, v in DEFAULT_THREAD_ENV.items() if k != "OMP_WAIT_POLICY"}
     env = {}
     assert configure_threads(env) == DEFAULT_THREAD_ENV == env
+
+
+def test_overrides_are_found_anywhere_on_the_line(tmp_path: Path) -> None:
+    from unipan.cli import split_overrides
+
+    odd_name = tmp_path / "a.b=c.png"  # a file whose name reads like an override stays a path
+    odd_name.write_bytes(b"")
+    argv = ["--weights", "w.pth", "imgs", "data.min_size_test=64", "--out", "x.y=z", str(odd_name), "model.a.b=[1,2]"]
+    rest, overrides = split_overrides(argv, value_options={"--weights", "--out"})
+    assert overrides == ["data.min_size_test=64", "model.a.b=[1,2]"]
+    assert rest == ["--weights", "w.pth", "imgs", "--out", "x.y=z", str(odd_name)]  # --out's value kept
+    assert split_overrides(["cfg.yaml", "nodot=1", "--resume"], set()) == (["cfg.yaml", "nodot=1", "--resume"], [])
+
+
+def test_a_light_verb_reports_an_unwritable_output_in_one_line_without_torch(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    code, stdout, stderr = _unipan("data", "synth", "--n", "1", "--out", tmp_path / "file" / "out")
+    assert code == 2 and stdout.strip().splitlines()[-1] == "NO_TORCH"
+    out = tmp_path / "file" / "out"
+    assert stderr.strip() == f"unipan data synth: error: output folder (--out) {out} cannot be written: not a directory"

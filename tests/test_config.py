@@ -25,7 +25,7 @@ from unipan.config import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
+CONFIGS = REPO / "unipan" / "configs"
 BASES = CONFIGS / "base"
 MODEL_FOLDERS = sorted(p for p in CONFIGS.iterdir() if p.is_dir() and p != BASES)
 
@@ -301,6 +301,136 @@ def test_malformed_override_is_an_error_naming_it(override):
         load_config(None, [override])
 
 
+def test_wrong_type_in_a_file_names_its_line(tmp_path):
+    top = write(tmp_path / "top.yaml", "solver:\n  max_iter: 3\n  lr: fast\n")
+    with pytest.raises(ConfigError, match=r"top\.yaml line 3: solver\.lr: Value 'fast'"):
+        load_config(top)
+
+
+def test_unknown_key_in_a_file_names_its_line(tmp_path):
+    top = write(tmp_path / "top.yaml", "engine:\n  device: cpu\nsolver:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"top\.yaml line 4: unknown config key solver\.learning_rate"):
+        load_config(top)
+
+
+def test_each_override_is_named_on_its_own():
+    with pytest.raises(ConfigError, match=r"^override solver\.lr=fast: solver\.lr"):
+        load_config(None, ["solver.max_iter=3", "solver.lr=fast", "engine.seed=1"])
+
+
+# --- value ranges ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.roi_heads.positive_fraction=1.5", "model.roi_heads.positive_fraction must lie in (0, 1], got 1.5"),
+        ("model.roi_heads.positive_fraction=0", "model.roi_heads.positive_fraction must lie in (0, 1], got 0"),
+        ("model.rpn.positive_fraction=-0.1", "model.rpn.positive_fraction must lie in (0, 1]"),
+        ("solver.clip_grad_norm=-1", "solver.clip_grad_norm must be >= 0, got -1.0"),
+        ("engine.num_threads=-4", "engine.num_threads must be >= 0, got -4"),
+        ("data.num_workers=-1", "data.num_workers must be >= 0"),
+        ("solver.batch_size=0", "solver.batch_size must be > 0"),
+        ("solver.max_iter=0", "solver.max_iter must be > 0"),
+        ("solver.momentum=1.0", "solver.momentum must lie in [0, 1)"),
+        ("data.flip_prob=2", "data.flip_prob must lie in [0, 1]"),
+        ("data.pixel_std=[58.0,0.0,57.0]", "data.pixel_std must be > 0"),
+        ("data.min_size_train=[640,-1]", "data.min_size_train must be >= 0, got [640, -1]"),
+        ("model.backbone.freeze_at=6", "model.backbone.freeze_at must lie in [0, 5]"),
+        ("model.rpn.anchor_sizes=[8,0,32,64,128]", "model.rpn.anchor_sizes must be > 0"),
+        ("model.fusion.instance_score_thresh=1.2", "model.fusion.instance_score_thresh must lie in [0, 1]"),
+        ("model.fusion.stuff_area=-1", "model.fusion.stuff_area must be >= 0"),
+        ("model.rpn.bg_iou_thresh=0.8", "model.rpn.bg_iou_thresh must be <= fg_iou_thresh (0.7), got 0.8"),
+        ("solver.lr=nan", "solver.lr must be >= 0, got nan"),
+        ("engine.device=tpu", "engine.device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+        ("data.synth_options={foo: 1}", "data.synth_options unknown option(s) foo (SynthOptions has:"),
+        ("data.synth_options={occlusion: 1.5}", "data.synth_options occlusion must lie in [0, 1], got 1.5"),
+        ("data.synth_size=[16,16]", "data.synth_size must be >= 32"),
+    ],
+)
+def test_out_of_range_values_are_errors_naming_the_override_and_the_key(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(CONFIGS / "panoptic_fpn" / "tiny_synth.yaml", [override])
+    assert str(info.value).startswith(f"override {override}: {message}"), str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("model", "override"),
+    [
+        ("upsnet", "model.upsnet.instance_keep_fraction=1.1"),
+        ("upsnet", "model.fusion.max_detections=0"),
+        ("spatialflow", "model.spatialflow.prior_prob=1"),
+        ("spinet", "model.spinet.bootstrap_ratio=0"),
+        ("aunet", "model.aunet.mam_score_thresh=2"),
+        ("refine", "model.refine.stage_loss_weights=[1,-1]"),
+        ("refine", "model.fusion.rho=1.5"),
+    ],
+)
+def test_every_models_own_settings_have_ranges(model, override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^override {re.escape(override)}: {re.escape(key)} must"):
+        load_config(CONFIGS / model / "tiny_synth.yaml", [override])
+
+
+def test_values_at_the_edges_of_their_ranges_are_accepted():
+    cfg = load_config(
+        CONFIGS / "panoptic_fpn" / "tiny_synth.yaml",
+        [
+            "model.roi_heads.positive_fraction=1",
+            "solver.clip_grad_norm=0",  # 0 = off
+            "engine.num_threads=0",  # 0 = torch's default
+            "solver.weight_decay_bias=null",  # null = solver.weight_decay
+            "data.min_size_test=0",
+            "engine.device=cuda:1",
+        ],
+    )
+    assert cfg.model.roi_heads.positive_fraction == 1.0 and cfg.solver.weight_decay_bias is None
+
+
+def test_a_value_out_of_range_in_a_file_names_the_file_and_line(tmp_path):
+    write(tmp_path / "base.yaml", "solver:\n  lr: 0.1\n  clip_grad_norm: -1\n")
+    top = write(tmp_path / "top.yaml", "_base_: base.yaml\nsolver:\n  max_iter: -3\n")
+    with pytest.raises(ConfigError, match=r"top\.yaml line 3: solver\.max_iter must be > 0, got -3"):
+        load_config(top)
+    fixed = write(tmp_path / "fixed.yaml", "_base_: base.yaml\nsolver:\n  max_iter: 3\n")
+    with pytest.raises(ConfigError, match=r"fixed\.yaml \(its base .*base\.yaml\) line 3: solver\.clip_grad_norm"):
+        load_config(fixed)
+
+
+def test_a_stored_config_is_checked_too():
+    d = config_to_dict(Config())
+    d["model"]["roi_heads"]["positive_fraction"] = 1.5
+    with pytest.raises(ConfigError, match=r"^stored config: model\.roi_heads\.positive_fraction must lie in"):
+        config_from_dict(d)
+
+
+def test_every_numeric_setting_has_a_range():
+    """A new number in a schema gets a range in unipan/config/ranges.py, or a reason here not to."""
+    import dataclasses
+
+    from unipan.config.ranges import RANGES
+
+    no_obvious_range = {("Config", "config_version"), ("DataConfig", "synth_seed"), ("EngineConfig", "seed")}
+
+    def numeric(value):
+        items = value if isinstance(value, list) else [value]
+        return value is None or any(isinstance(v, int | float) and not isinstance(v, bool) for v in items)
+
+    def walk(node):
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            if dataclasses.is_dataclass(value):
+                yield from walk(value)
+            elif numeric(value) or f.type in ("int", "float", "list[int]", "list[float]", "float | None"):
+                yield type(node), f.name
+
+    missing = set()
+    for cls in MODEL_CONFIGS.values():
+        for owner, name in walk(Config(model=cls())):
+            ranged = any(name in RANGES.get(base, {}) for base in owner.__mro__)
+            if not ranged and (owner.__name__, name) not in no_obvious_range:
+                missing.add(f"{owner.__name__}.{name}")
+    assert not missing, sorted(missing)
+
+
 # --- invalid YAML ------------------------------------------------------------------------------
 def test_invalid_yaml_names_the_file_line_and_column(tmp_path):
     bad = write(tmp_path / "bad.yaml", "solver:\n  lr: 0.1\n\tmax_iter: 3\n")
@@ -445,3 +575,17 @@ def test_model_configs_match_the_model_registry():
     from unipan.modeling.registry import MODELS
 
     assert set(MODEL_CONFIGS) == set(MODELS)
+
+
+def test_the_configs_ship_inside_the_package():
+    """`unipan demo` and `unipan train <model>/<name>` need them after a non-editable install."""
+    import tomllib
+
+    import unipan
+    from unipan.config import config_dir
+
+    assert config_dir() == Path(unipan.__file__).resolve().parent / "configs" == CONFIGS
+    with open(REPO / "pyproject.toml", "rb") as f:
+        patterns = tomllib.load(f)["tool"]["setuptools"]["package-data"]["unipan"]
+    packaged = {p for pattern in patterns for p in (REPO / "unipan").glob(pattern)}
+    assert packaged == set(CONFIGS.rglob("*.yaml")) and len(packaged) > 20

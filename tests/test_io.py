@@ -384,3 +384,34 @@ def test_not_an_image_and_missing(tmp_path: Path) -> None:
         read_image(tmp_path / "x.jpg")
     with pytest.raises(FileNotFoundError, match="nope.jpg"):
         read_image(tmp_path / "nope.jpg")
+
+
+# --- file-system faults: one error naming the file ---------------------------------------------------
+def test_atomic_write_names_the_destination_when_the_disk_is_full(tmp_path: Path) -> None:
+    import errno
+
+    from unipan.files import atomic_write
+
+    target = tmp_path / "result.json"
+    target.write_text("old")
+
+    def full(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+
+    with pytest.raises(OSError, match="No space left on device") as info:
+        atomic_write(target, full)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)  # not the temporary file
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
+
+
+def test_check_writable_folder(tmp_path: Path) -> None:
+    from unipan.files import check_writable_folder
+
+    assert check_writable_folder(tmp_path / "a" / "b") == tmp_path / "a" / "b"
+    assert (tmp_path / "a" / "b").is_dir() and not list((tmp_path / "a" / "b").iterdir())
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(OSError, match=r"output folder .*f cannot be written: exists and is not a folder"):
+        check_writable_folder(tmp_path / "f")
+    with pytest.raises(OSError, match=r"--out .*f/sub cannot be written: not a directory"):
+        check_writable_folder(tmp_path / "f" / "sub", "--out")

@@ -165,6 +165,17 @@ def test_keep_size_and_padding() -> None:
     check_segments(result)
 
 
+def test_keep_size_is_still_capped_by_max_size_test() -> None:
+    """min_size_test 0 keeps a small image's size, but a large photo is shrunk to max_size_test."""
+    model = PatternModel()
+    predictor = Predictor(model, META, make_cfg(min_size=0, max_size=64))
+    small = predictor(random_image(33, 45))
+    large = predictor(random_image(600, 800))
+    assert [b.image_sizes for b in model.batches] == [[(33, 45)], [(48, 64)]]
+    assert small.image_size == (33, 45) and large.image_size == (600, 800)  # results at the file's size
+    check_segments(large)
+
+
 def test_result_at_the_padded_size_is_rejected() -> None:
     """Models return results at the input size (the contract): the predictor crops nothing."""
     predictor = Predictor(PatternModel(output="padded"), META, make_cfg(min_size=0))
@@ -302,7 +313,7 @@ def test_from_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_real_panoptic_fpn_end_to_end() -> None:
     """The registered Panoptic FPN (random weights, tiny config) through the Predictor and fusion."""
-    tiny = REPO / "configs" / "panoptic_fpn" / "tiny_synth.yaml"
+    tiny = REPO / "unipan" / "configs" / "panoptic_fpn" / "tiny_synth.yaml"
     if not tiny.is_file():
         pytest.skip("tiny Panoptic FPN config not available yet")
     from unipan.data.synthetic import synth_meta

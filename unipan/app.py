@@ -6,31 +6,30 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from unipan.config import Config, load_config
-from unipan.io import atomic_write_text, save_json
+from unipan.config import Config, config_dir, load_config, resolve_config_path
+from unipan.io import atomic_write_text, load_json, save_json
 
 log = logging.getLogger(__name__)
 
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "PredictResult",
+    "config_dir",
+    "eval_report",
+    "evaluate_checkpoint",
+    "list_images",
+    "predict_images",
+    "resolve_config_path",
+    "run_demo",
+]
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-
-
-def config_dir() -> Path:
-    """The repository's `configs/` folder (next to the package in a source checkout)."""
-    path = Path(__file__).resolve().parents[1] / "configs"
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: configs folder not found (install unipan from a source checkout)")
-    return path
-
-
-def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def evaluate_checkpoint(
@@ -47,10 +46,11 @@ def evaluate_checkpoint(
     from unipan.data.build import build_dataset
     from unipan.engine.checkpoint import load_model_from_checkpoint
     from unipan.engine.evaluator import evaluate
+    from unipan.engine.trainer import resolve_device
 
     other = [o for o in overrides if not o.startswith("model.")]
     cfg = load_config(config_path, other)
-    device = _pick_device(cfg.engine.device)
+    device = resolve_device(cfg.engine.device)
     loaded = load_model_from_checkpoint(weights, device, cfg=cfg, overrides=list(overrides))
     val_set = build_dataset(loaded.cfg.data, "val", is_train=False, output_dir=loaded.cfg.engine.output_dir)
     result = evaluate(loaded.model, val_set, loaded.meta, device, out_dir=out)
@@ -106,52 +106,156 @@ def list_images(inputs: Iterable[Path]) -> list[Path]:
     return files
 
 
-def predict_images(weights: Path, inputs: Iterable[Path], out: Path, device: str = "cpu") -> Path:
-    """Panoptic PNG + one COCO-panoptic JSON for all images, and an overlay picture per image.
+@dataclass
+class PredictResult:
+    """What `predict_images` did.
 
-    Returns:
-        The path of the predictions JSON.
+    Attributes:
+        json_path: the COCO-panoptic predictions JSON (written also when some images failed).
+        total: images it was asked to predict.
+        failed: one line per image that could not be predicted, naming it and why.
     """
-    from unipan.data.image import read_image
-    from unipan.io import write_panoptic_json, write_panoptic_prediction
-    from unipan.predictor import Predictor
-    from unipan.viz import overlay, save_png
 
-    files = list_images(inputs)
-    predictor = Predictor.from_checkpoint(weights, device=device)
-    meta = predictor.meta
-    out = Path(out)
-    images, annotations = [], []
+    json_path: Path
+    total: int
+    failed: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _PredictJob:
+    """One image to predict: its file, the id and PNG name its annotation gets, its expected size."""
+
+    path: Path | None
+    image_id: str | int
+    png_name: str
+    file_name: str
+    expected_size: tuple[int, int] | None = None
+    problem: str = ""
+
+
+def _jobs_by_stem(files: list[Path]) -> list[_PredictJob]:
+    jobs: list[_PredictJob] = []
     stems: set[str] = set()
     for i, path in enumerate(files):
         stem = path.stem if path.stem not in stems else f"{path.stem}_{i}"
         stems.add(stem)
-        image = read_image(path)
+        jobs.append(_PredictJob(path, stem, f"{stem}.png", path.name))
+    return jobs
+
+
+def _jobs_from_images_json(files: list[Path], images_json: Path) -> list[_PredictJob]:
+    """The images of a COCO image-info JSON, found by file name among `files`, under the JSON's ids."""
+    doc = load_json(images_json)
+    images = doc.get("images") if isinstance(doc, dict) else None
+    if not isinstance(images, list) or not images:
+        raise ValueError(f"{images_json}: no 'images' list, so it names no image to predict")
+    by_name: dict[str, Path] = {}
+    for path in files:
+        by_name.setdefault(path.name, path)
+    jobs: list[_PredictJob] = []
+    for k, info in enumerate(images):
+        if not isinstance(info, dict) or "id" not in info or "file_name" not in info:
+            raise ValueError(f"{images_json}: images[{k}] needs an 'id' and a 'file_name'")
+        file_name = str(info["file_name"])
+        found = by_name.get(Path(file_name).name)
+        size = (int(info["height"]), int(info["width"])) if "height" in info and "width" in info else None
+        job = _PredictJob(found, info["id"], f"{Path(file_name).stem}.png", file_name, size)
+        if found is None:
+            job.problem = f"{file_name} (image id {info['id']} of {images_json}): not found in the inputs"
+        jobs.append(job)
+    unlisted = len(files) - sum(job.path is not None for job in jobs)
+    if unlisted > 0:
+        log.info("%d input images are not listed in %s and are not predicted", unlisted, images_json)
+    return jobs
+
+
+def predict_images(
+    weights: Path,
+    inputs: Iterable[Path],
+    out: Path,
+    device: str = "cpu",
+    overrides: Sequence[str] = (),
+    images_json: Path | None = None,
+) -> PredictResult:
+    """Panoptic PNG + one COCO-panoptic JSON for all images, and an overlay picture per image.
+
+    Every readable image is predicted: one that cannot be read (a truncated file, a macOS `._x.jpg`)
+    is named in `PredictResult.failed` and the others go on; the JSON lists the predicted ones.
+
+    Args:
+        weights: the checkpoint.
+        inputs: image files and folders of images (not recursive).
+        out: output folder: panoptic/ (PNGs), overlays/, predictions.json.
+        device: cpu | cuda | cuda:N | auto.
+        overrides: dotted overrides of the checkpoint's stored config (`data.min_size_test=640`,
+            `model.fusion.stuff_area=2048`).
+        images_json: a COCO image-info JSON: its images are predicted (found by file name in the
+            inputs) under its image ids, with PNGs named after its file names, so `unipan pq`
+            scores the output against the dataset's panoptic JSON as it is. Without it, images are
+            named by their file stem.
+
+    Returns:
+        PredictResult: the JSON's path and the images that failed.
+    """
+    from unipan.data.image import read_image
+    from unipan.engine.trainer import resolve_device
+    from unipan.files import check_writable_folder
+    from unipan.io import write_panoptic_json, write_panoptic_prediction
+    from unipan.predictor import Predictor
+    from unipan.viz import overlay, save_png
+
+    out = check_writable_folder(out)
+    files = list_images(inputs)
+    jobs = _jobs_by_stem(files) if images_json is None else _jobs_from_images_json(files, Path(images_json))
+    predictor = Predictor.from_checkpoint(
+        weights, device=resolve_device(device, what="--device"), overrides=list(overrides)
+    )
+    meta = predictor.meta
+    images, annotations, failed = [], [], []
+    for job in jobs:
+        if job.path is None:
+            failed.append(job.problem)
+            continue
+        try:
+            image = read_image(job.path)
+        except (ValueError, OSError) as e:
+            failed.append(str(e))
+            continue
+        size = (int(image.shape[0]), int(image.shape[1]))
+        if job.expected_size is not None and size != job.expected_size:
+            failed.append(
+                f"{job.path}: is {size[0]}x{size[1]} but {images_json} says "
+                f"{job.expected_size[0]}x{job.expected_size[1]}"
+            )
+            continue
         t0 = time.perf_counter()
-        result = predictor(image, image_id=stem)
-        log.info("%s: %d segments in %.2f s", path, len(result.segments), time.perf_counter() - t0)
-        ann = write_panoptic_prediction(out / "panoptic", stem, f"{stem}.png", result.panoptic, result.segments)
-        images.append({"id": stem, "file_name": path.name, "height": image.shape[0], "width": image.shape[1]})
+        result = predictor(image, image_id=str(job.image_id))
+        log.info("%s: %d segments in %.2f s", job.path, len(result.segments), time.perf_counter() - t0)
+        ann = write_panoptic_prediction(out / "panoptic", job.image_id, job.png_name, result.panoptic, result.segments)
+        images.append({"id": job.image_id, "file_name": job.file_name, "height": size[0], "width": size[1]})
         annotations.append(ann)
-        save_png(out / "overlays" / f"{stem}.png", overlay(image, result.panoptic, result.segments, meta, labels=True))
+        save_png(out / "overlays" / job.png_name, overlay(image, result.panoptic, result.segments, meta, labels=True))
     json_path = out / "predictions.json"
     write_panoptic_json(json_path, images, annotations, meta.to_coco_categories())
-    print(f"wrote {len(files)} predictions to {out} (panoptic/, overlays/, predictions.json)")
-    return json_path
+    print(f"wrote {len(images)} predictions to {out} (panoptic/, overlays/, predictions.json)")
+    return PredictResult(json_path=json_path, total=len(jobs), failed=failed)
 
 
-def run_demo(out: Path, model: str = "panoptic_fpn", overrides: Sequence[str] = ()) -> dict[str, Any]:
+def run_demo(
+    out: Path, model: str = "panoptic_fpn", overrides: Sequence[str] = (), resume: bool = False, restart: bool = False
+) -> dict[str, Any]:
     """Synthetic data -> train the tiny config on CPU -> evaluate -> pictures -> report.
 
     Writes under `out`: synthetic/ (the dataset), run/ (checkpoints, metrics, config, loss curve),
     predictions/ (COCO-panoptic PNG + JSON of the val split, instances_results.json), pictures/
     (GT | prediction), report.md and report.json (`eval_report`: `unipan pq --json`'s structure plus
-    both mIoUs and the COCO AP), all measured at the images' original size.
+    both mIoUs and the COCO AP), all measured at the images' original size. `resume` and `restart`
+    are `train`'s: a folder that holds a demo's run is refused unless one of them is given.
     """
     from unipan.data.build import build_dataset
     from unipan.engine.checkpoint import load_model_from_checkpoint
     from unipan.engine.evaluator import evaluate
-    from unipan.engine.trainer import train
+    from unipan.engine.trainer import resolve_device, train
 
     out = Path(out)
     cfg_path = config_dir() / model / "tiny_synth.yaml"
@@ -162,9 +266,9 @@ def run_demo(out: Path, model: str = "panoptic_fpn", overrides: Sequence[str] = 
         [f"engine.output_dir={out / 'run'}", f"data.synth_root={out / 'synthetic'}", *overrides],
     )
     t0 = time.perf_counter()
-    trained = train(cfg)
+    trained = train(cfg, resume=resume, restart=restart)
     train_s = time.perf_counter() - t0
-    device = _pick_device(cfg.engine.device)
+    device = resolve_device(cfg.engine.device)
     loaded = load_model_from_checkpoint(trained.checkpoint, device, cfg=cfg)
     cfg, meta = loaded.cfg, loaded.meta
     val_set = build_dataset(cfg.data, "val", is_train=False)

@@ -19,6 +19,7 @@ from unipan.files import atomic_write_bytes as atomic_write_bytes
 from unipan.files import atomic_write_text as atomic_write_text
 from unipan.files import load_json as load_json
 from unipan.files import save_json as save_json
+from unipan.files import torch_load_failure as torch_load_failure
 from unipan.meta import VOID_ID, DatasetMeta, SegmentInfo
 
 if TYPE_CHECKING:

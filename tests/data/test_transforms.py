@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 
 import pytest
@@ -308,7 +309,13 @@ def test_build_transforms() -> None:
         "Normalize",
     ]
     assert train[1].pad_value == (1.0, 2.0, 3.0) and train[1].crop_size == (12, 20)
-    assert [type(t).__name__ for t in build_transforms(cfg, is_train=False).transforms] == ["Normalize"]
+    # min_size_test 0 keeps the file's size, but max_size_test (1333 by default) still caps it
+    assert [type(t).__name__ for t in build_transforms(cfg, is_train=False).transforms] == [
+        "LimitLongestEdge",
+        "Normalize",
+    ]
+    uncapped = dataclasses.replace(cfg, max_size_test=0)
+    assert [type(t).__name__ for t in build_transforms(uncapped, is_train=False).transforms] == ["Normalize"]
     image, ids = scene()
     torch.manual_seed(5)
     out_image, out_ids = train(image, ids)

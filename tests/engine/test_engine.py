@@ -246,7 +246,14 @@ def tiny_config(out: Path, **engine: object) -> Config:
     return cfg
 
 
-def run_tiny(out: Path, resume: bool = False, model: nn.Module | None = None, dropout: float = 0.3, **engine: object):
+def run_tiny(
+    out: Path,
+    resume: bool = False,
+    model: nn.Module | None = None,
+    dropout: float = 0.3,
+    restart: bool = False,
+    **engine: object,
+):
     meta = toy_meta()
     torch.manual_seed(0)  # the model's init; train() seeds its own stream afterwards
     model = model if model is not None else TinyModel(meta, dropout=dropout)
@@ -257,6 +264,7 @@ def run_tiny(out: Path, resume: bool = False, model: nn.Module | None = None, dr
         train_set=ToyPanoptic(10, meta),
         val_set=ToyPanoptic(4, meta, seed=99, train=False),
         meta=meta,
+        restart=restart,
     )
 
 
@@ -634,6 +642,7 @@ def test_resume_after_sigkill_mid_checkpoint_write(straight_run: Path, tmp_path:
     run_tiny(tmp_path, resume=True, eval_period=3)
     assert_same_weights(final_weights(straight_run), final_weights(tmp_path), atol=1e-6)
     assert [r["iteration"] for r in records(tmp_path)] == [r["iteration"] for r in records(straight_run)]
+    assert not list(tmp_path.glob(".*.tmp"))  # the torn write's temporary file was removed at the start
 
 
 def test_resume_of_a_finished_run_trains_no_further(straight_run: Path, tmp_path: Path) -> None:
@@ -820,7 +829,7 @@ def test_config_built_panoptic_fpn_trains_and_resumes_exactly(tmp_path: Path) ->
         "engine.eval_period=0",
         "engine.num_threads=0",
     ]
-    config = TESTS.parents[1] / "configs" / "panoptic_fpn" / "tiny_synth.yaml"
+    config = TESTS.parents[1] / "unipan" / "configs" / "panoptic_fpn" / "tiny_synth.yaml"
     a, b = tmp_path / "a", tmp_path / "b"
     result = train(load_config(config, [*overrides, f"engine.output_dir={a}"]))
     assert result.checkpoint == a / "model_final.pth"

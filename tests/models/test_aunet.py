@@ -37,7 +37,7 @@ from unipan.modeling.registry import MODELS, build_model
 from unipan.structures import DatasetMeta
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIGS = REPO / "configs"
+CONFIGS = REPO / "unipan" / "configs"
 # the contract case's sizes (a few seconds per test on one thread)
 SMALL = [
     "model.backbone.base_width=16",

@@ -39,7 +39,7 @@ from unipan.predictor import Predictor
 from unipan.structures import Batch, DatasetMeta, PanopticResult, RawPrediction
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIGS = REPO / "configs"
+CONFIGS = REPO / "unipan" / "configs"
 
 # the five losses of the Mask R-CNN instance branch (RPN, box head, mask head)
 MASK_RCNN_LOSSES = frozenset(

@@ -31,7 +31,7 @@ from unipan.modeling.registry import build_model
 from unipan.structures import Batch, DatasetMeta, PanopticTarget, SegmentInfo
 
 REPO = Path(__file__).resolve().parents[2]
-TINY_CONFIG = REPO / "configs" / "panoptic_fpn" / "tiny_synth.yaml"
+TINY_CONFIG = REPO / "unipan" / "configs" / "panoptic_fpn" / "tiny_synth.yaml"
 LOSS_NAMES = {"loss_rpn_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask", "loss_sem_seg"}
 
 
@@ -258,11 +258,11 @@ def test_bad_targets_are_named() -> None:
 # --- configs --------------------------------------------------------------------------------------
 def test_paper_config_values() -> None:
     """The papers' numbers in the R50 configs (that every config loads: test_contract.py)."""
-    coco = load_config(REPO / "configs" / "panoptic_fpn" / "r50_coco.yaml")
+    coco = load_config(REPO / "unipan" / "configs" / "panoptic_fpn" / "r50_coco.yaml")
     assert (coco.solver.batch_size, coco.solver.lr, coco.solver.max_iter) == (16, 0.02, 90000)
     assert coco.solver.steps == [60000, 80000] and coco.model.semantic.loss_weight == 0.5
     assert coco.data.dataset == "coco_panoptic" and max(coco.data.min_size_train) == 800
-    cityscapes = load_config(REPO / "configs" / "panoptic_fpn" / "r50_cityscapes.yaml")
+    cityscapes = load_config(REPO / "unipan" / "configs" / "panoptic_fpn" / "r50_cityscapes.yaml")
     assert cityscapes.data.crop_size == [512, 1024] and cityscapes.data.scale_range == [0.5, 2.0]
     assert cityscapes.model.semantic.loss_weight == 1.0 and cityscapes.model.fusion.stuff_area == 2048
     # detectron2 Base-RCNN-FPN: 1000 post-NMS proposals per image in training, 1000 in testing
@@ -275,7 +275,7 @@ def test_r50_coco_parameter_count() -> None:
     """R50 Panoptic FPN for COCO (80 things, 53 stuff) against torchvision's Mask R-CNN R50-FPN."""
     cats = [{"id": i + 1, "name": f"c{i}", "isthing": int(i < 80)} for i in range(133)]
     meta = DatasetMeta(cats)
-    cfg = load_config(REPO / "configs" / "panoptic_fpn" / "r50_coco.yaml")
+    cfg = load_config(REPO / "unipan" / "configs" / "panoptic_fpn" / "r50_coco.yaml")
     with torch.device("meta"):
         model = build_model(cfg, meta)
         reference = torchvision.models.detection.maskrcnn_resnet50_fpn(

@@ -20,7 +20,7 @@ from unipan.modeling.registry import build_model
 from unipan.structures import DatasetMeta
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "configs" / "refine" / "tiny_synth.yaml"
+TINY = REPO / "unipan" / "configs" / "refine" / "tiny_synth.yaml"
 SMALL = [
     "model.backbone.base_width=16",
     "model.backbone.fpn_channels=32",
@@ -176,7 +176,7 @@ TABLE_ROWS = {
 
 @pytest.mark.parametrize("row", sorted(TABLE_ROWS))
 def test_every_table_row_is_a_config(row: str) -> None:
-    cfg = load_config(REPO / "configs" / "refine" / "r50_coco.yaml", TABLE_ROWS[row])
+    cfg = load_config(REPO / "unipan" / "configs" / "refine" / "r50_coco.yaml", TABLE_ROWS[row])
     cats = [{"id": i + 1, "name": f"c{i}", "isthing": int(i < 3)} for i in range(5)]
     with torch.device("meta"):
         model = build_model(cfg, DatasetMeta(cats))

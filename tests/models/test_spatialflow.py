@@ -33,7 +33,7 @@ from unipan.modeling.registry import build_model
 from unipan.structures import IGNORE_LABEL, DatasetMeta, PanopticTarget, RawPrediction, SegmentInfo
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIGS = REPO / "configs" / "spatialflow"
+CONFIGS = REPO / "unipan" / "configs" / "spatialflow"
 # narrower than the tiny config: every test here costs well under a second on one thread
 SMALL = [
     "model.backbone.base_width=16",

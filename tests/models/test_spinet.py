@@ -19,7 +19,7 @@ from unipan.modeling.models.spinet import SPINet, image_prediction, paste_mask_l
 from unipan.modeling.registry import build_model
 from unipan.structures import DatasetMeta, PanopticResult, PanopticTarget, SegmentInfo, masks_to_boxes
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "spinet"
+CONFIGS = Path(__file__).resolve().parents[2] / "unipan" / "configs" / "spinet"
 TINY = [
     "model.backbone.base_width=16",
     "model.backbone.fpn_channels=32",

@@ -29,7 +29,7 @@ from unipan.modeling.models.upsnet import UPSNet, build_upsnet
 from unipan.structures import DatasetMeta, PanopticTarget
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIGS = REPO / "configs" / "upsnet"
+CONFIGS = REPO / "unipan" / "configs" / "upsnet"
 LOSS_NAMES = {
     "loss_rpn_objectness",
     "loss_rpn_box_reg",

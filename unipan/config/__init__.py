@@ -34,6 +34,7 @@ from unipan.config.parts import (
     SemanticFPNHeadConfig,
     SolverConfig,
 )
+from unipan.config.ranges import check_values
 from unipan.files import atomic_write_text
 from unipan.fusion.settings import HeuristicFusionSettings, PanopticHeadSettings
 
@@ -56,11 +57,13 @@ __all__ = [
     "SolverConfig",
     "UPSNetConfig",
     "UPSNetHeadsConfig",
+    "config_dir",
     "config_from_dict",
     "config_to_dict",
     "config_to_yaml",
     "load_config",
     "read_config_file",
+    "resolve_config_path",
     "save_config",
 ]
 
@@ -73,7 +76,24 @@ BASE_KEY = "_base_"
 
 
 class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message names the file or key."""
+    """A config file or override that cannot be used; the message names the file or key.
+
+    Attributes:
+        key: the dotted key at fault, when one is (for the position of the key in its file).
+    """
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One source of values merged over the defaults: a file (with its bases) or one override."""
+
+    where: str  # how the messages name it: "config x.yaml", "override solver.lr=fast"
+    values: dict[str, Any]
+    path: Path | None = None  # the YAML file, to find a key's line
 
 
 @dataclass
@@ -173,77 +193,148 @@ def _check_keys(values: dict[str, Any], schema: Any, prefix: str, where: str, mo
                 owned = f"; it is a setting of {', '.join(owners)}" if owners else ""
                 raise ConfigError(
                     f"{where}: {path} is not a setting of model {model_name!r}{owned} "
-                    f"({prefix.rstrip('.')} has: {', '.join(names)})"
+                    f"({prefix.rstrip('.')} has: {', '.join(names)})",
+                    key=path,
                 )
             parent = prefix.rstrip(".") or "the top level"
-            raise ConfigError(f"{where}: unknown config key {path} ({parent} has: {', '.join(names)})")
+            raise ConfigError(f"{where}: unknown config key {path} ({parent} has: {', '.join(names)})", key=path)
         child = getattr(schema, key)
         if dataclasses.is_dataclass(child) and isinstance(value, dict):
             _check_keys(value, child, f"{path}.", where, model_name)
 
 
-def _model_name(layers: list[tuple[str, dict[str, Any]]]) -> str:
+def _model_name(layers: list[_Layer]) -> str:
     name, named_by = DEFAULT_MODEL, "the default"
-    for where, values in layers:
-        model = values.get("model")
+    for layer in layers:
+        model = layer.values.get("model")
         if isinstance(model, dict) and "name" in model:
-            name, named_by = model["name"], where
+            name, named_by = model["name"], layer.where
     if name not in MODEL_CONFIGS:
         known = ", ".join(sorted(MODEL_CONFIGS))
         raise ConfigError(f"{named_by}: model.name {name!r} is not a registered model; registered: {known}")
     return str(name)
 
 
-def _merge_layers(layers: list[tuple[str, dict[str, Any]]]) -> Config:
-    """Merge plain-dict layers (where, values) over the defaults of the named model's schema."""
+def _sets(values: dict[str, Any], key: str) -> bool:
+    node: Any = values
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _key_line(path: Path, key: str, _seen: tuple[Path, ...] = ()) -> tuple[Path, int] | None:
+    """(file, 1-based line) where `key` is written in `path` or, failing that, in its `_base_` files."""
+    if path in _seen:
+        return None
+    try:
+        root = yaml.compose(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(root, yaml.MappingNode):
+        return None
+    node: Any = root
+    for part in key.split("."):
+        value = None
+        if isinstance(node, yaml.MappingNode):
+            value = next((v for k, v in node.value if getattr(k, "value", None) == part), None)
+        if value is None:
+            node = None
+            break
+        line, node = value.start_mark.line + 1, value
+    if node is not None:
+        return path, line
+    bases = next((v for k, v in root.value if getattr(k, "value", None) == BASE_KEY), None)
+    names = (
+        [bases.value]
+        if isinstance(bases, yaml.ScalarNode)
+        else [getattr(b, "value", "") for b in getattr(bases, "value", [])]
+    )
+    for base in reversed(names):  # the last base wins the merge
+        found = _key_line((path.parent / str(base)).resolve(), key, (*_seen, path))
+        if found is not None:
+            return found
+    return None
+
+
+def _where(layer: _Layer, key: str | None) -> str:
+    """How an error names the source of `key`: the override, or the file and line that set it."""
+    if layer.path is None or key is None:
+        return layer.where
+    found = _key_line(layer.path, key)
+    if found is None:
+        return layer.where
+    file, line = found
+    shown = layer.where if file == layer.path else f"{layer.where} (its base {file})"
+    return f"{shown} line {line}"
+
+
+def _merge_layers(layers: list[_Layer]) -> Config:
+    """Merge the layers over the defaults of the named model's schema, then check the values."""
     name = _model_name(layers)
     defaults = Config(model=MODEL_CONFIGS[name]())
     cfg = OmegaConf.structured(defaults)
-    for where, values in layers:
-        values = {k: v for k, v in values.items() if k != "config_version"}
-        _check_keys(values, defaults, "", where, name)
+    for layer in layers:
+        values = {k: v for k, v in layer.values.items() if k != "config_version"}
+        try:
+            _check_keys(values, defaults, "", layer.where, name)
+        except ConfigError as e:
+            if layer.path is None or e.key is None:
+                raise
+            raise ConfigError(str(e).replace(layer.where, _where(layer, e.key), 1), key=e.key) from e
         try:
             cfg = OmegaConf.merge(cfg, values)
         except OmegaConfBaseException as e:
             key = getattr(e, "full_key", None)
             message = str(e).splitlines()[0]
-            raise ConfigError(f"{where}: {key}: {message}" if key else f"{where}: {message}") from e
+            where = _where(layer, key)
+            raise ConfigError(f"{where}: {key}: {message}" if key else f"{where}: {message}", key=key) from e
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, Config)
+    problems = check_values(obj)
+    if problems:
+        key, problem = problems[0]
+        setter = next((layer for layer in reversed(layers) if _sets(layer.values, key)), None)
+        where = "the defaults" if setter is None else _where(setter, key)
+        more = f" (and {len(problems) - 1} more: {', '.join(k for k, _ in problems[1:4])})" if len(problems) > 1 else ""
+        raise ConfigError(f"{where}: {key} {problem}{more}", key=key)
     return obj
 
 
-def _parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in overrides:
-        if "=" not in item or item.startswith("="):
-            raise ConfigError(f"override {item!r}: expected key.sub=value")
-        try:
-            parsed = OmegaConf.to_container(OmegaConf.from_dotlist([item]))
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"override {item!r}: {str(e).splitlines()[0]}") from e
-        assert isinstance(parsed, dict)
-        out = _deep_merge(out, {str(k): v for k, v in parsed.items()})
-    return out
+def _parse_override(item: str) -> dict[str, Any]:
+    if "=" not in item or item.startswith("="):
+        raise ConfigError(f"override {item!r}: expected key.sub=value")
+    try:
+        parsed = OmegaConf.to_container(OmegaConf.from_dotlist([item]))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"override {item!r}: {str(e).splitlines()[0]}") from e
+    assert isinstance(parsed, dict)
+    return {str(k): v for k, v in parsed.items()}
+
+
+def _override_layers(overrides: list[str]) -> list[_Layer]:
+    """One layer per override, so that an error names the override it comes from."""
+    return [_Layer(f"override {item}", _parse_override(item)) for item in overrides]
 
 
 def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults of the named model <- YAML file (with its `_base_` chain) <- dotted overrides.
 
     Raises:
-        ConfigError (a ValueError): naming the file or override and the key that is unknown, belongs
-            to another model, or has a wrong type.
+        ConfigError (a ValueError): naming the override, or the file and line, and the key that is
+            unknown, belongs to another model, has a wrong type or a value out of its range
+            (`unipan.config.ranges`).
     """
-    layers: list[tuple[str, dict[str, Any]]] = []
+    layers: list[_Layer] = []
     if path is not None:
         where = f"config {path}"
         values = read_config_file(path)
         # files carry no version (they are written for this schema), except saved old runs' configs
         if _version(values, where, default=CONFIG_VERSION) == 1:
             values = _migrate_v1(values, where)
-        layers.append((where, values))
-    if overrides:
-        layers.append(("overrides", _parse_overrides(list(overrides))))
+        layers.append(_Layer(where, values, Path(path).resolve()))
+    layers += _override_layers(list(overrides or ()))
     return _merge_layers(layers)
 
 
@@ -315,10 +406,7 @@ def config_from_dict(d: dict[str, Any], overrides: list[str] | None = None) -> C
     """
     if _version(d, "stored config", default=1) == 1:
         d = _migrate_v1(d, "stored config")
-    layers: list[tuple[str, dict[str, Any]]] = [("stored config", d)]
-    if overrides:
-        layers.append(("overrides", _parse_overrides(list(overrides))))
-    return _merge_layers(layers)
+    return _merge_layers([_Layer("stored config", d), *_override_layers(list(overrides or ()))])
 
 
 def config_to_yaml(cfg: Config) -> str:
@@ -328,3 +416,37 @@ def config_to_yaml(cfg: Config) -> str:
 def save_config(cfg: Config, path: str | os.PathLike[str]) -> None:
     """Write the resolved config as YAML, atomically."""
     atomic_write_text(Path(path), config_to_yaml(cfg))
+
+
+# --- the shipped configs -----------------------------------------------------------------------
+def config_dir() -> Path:
+    """The configs shipped with unipan (`configs/<model>/*.yaml`, `configs/base/`)."""
+    path = Path(__file__).resolve().parents[1] / "configs"
+    if not path.is_dir():
+        raise ConfigError(f"{path}: the shipped configs folder is missing (a broken installation)")
+    return path
+
+
+def resolve_config_path(name: str | os.PathLike[str]) -> Path:
+    """A config file named on the command line: a path, or a shipped config's name.
+
+    `panoptic_fpn/tiny_synth` (or with `.yaml`) names `config_dir()/panoptic_fpn/tiny_synth.yaml`,
+    so a config can be used without knowing where unipan is installed. An existing path wins.
+
+    Raises:
+        ConfigError: neither a file nor a shipped config (lists the shipped model folders).
+    """
+    path = Path(name)
+    if path.is_file():
+        return path
+    if path.exists():
+        raise ConfigError(f"config {path}: is a folder, not a YAML file")
+    if not path.is_absolute():
+        root = config_dir()
+        for candidate in (root / path, root / path.with_suffix(".yaml")):
+            if candidate.is_file():
+                return candidate
+        if len(path.parts) > 1 and path.parts[0] == "configs":  # configs/<model>/x.yaml as in a source checkout
+            return resolve_config_path(Path(*path.parts[1:]))
+    shipped = ", ".join(sorted(p.name for p in config_dir().iterdir() if p.is_dir() and p.name != "base"))
+    raise ConfigError(f"config {path}: no such file, nor a shipped config (<model>/<name>; models: {shipped})")

@@ -78,23 +78,30 @@ def build_dataset(cfg: DataConfig, split: str, is_train: bool, output_dir: str |
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     transform = build_transforms(cfg, is_train=is_train)
     if cfg.dataset == "synthetic":
+        if (cfg.synth_train if split == "train" else cfg.synth_val) <= 0:
+            raise ValueError(f"the {split} split has no images (data.synth_{split} is 0)")
         root = synthetic_root(cfg, output_dir)
         json_path = ensure_synthetic(cfg, split, root)
-        return CocoPanopticDataset(
+        dataset = CocoPanopticDataset(
             json_path.parent / "images", json_path.parent / "panoptic", json_path, transform=transform
         )
-    if cfg.dataset == "coco_panoptic":
-        images, panoptic, json_path = (
+    elif cfg.dataset == "coco_panoptic":
+        images, panoptic, json_file = (
             (cfg.train_images, cfg.train_panoptic, cfg.train_json)
             if split == "train"
             else (cfg.val_images, cfg.val_panoptic, cfg.val_json)
         )
-        missing = [k for k, v in (("images", images), ("panoptic", panoptic), ("json", json_path)) if not v]
+        missing = [k for k, v in (("images", images), ("panoptic", panoptic), ("json", json_file)) if not v]
         if missing:
             keys = ", ".join(f"data.{split}_{k}" for k in missing)
             raise ValueError(f"dataset coco_panoptic needs {keys} set (paths of the {split} split)")
-        return CocoPanopticDataset(images, panoptic, json_path, transform=transform)
-    raise ValueError(f"unknown dataset {cfg.dataset!r}; expected 'synthetic' or 'coco_panoptic'")
+        json_path = Path(json_file)
+        dataset = CocoPanopticDataset(images, panoptic, json_path, transform=transform)
+    else:
+        raise ValueError(f"unknown dataset {cfg.dataset!r}; expected 'synthetic' or 'coco_panoptic'")
+    if len(dataset) == 0:
+        raise ValueError(f"the {split} split has no images: {json_path} has no image with an annotation")
+    return dataset
 
 
 def _jsonable(obj: Any) -> Any:

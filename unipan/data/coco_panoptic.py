@@ -73,7 +73,7 @@ class CocoPanopticDataset(torch.utils.data.Dataset[Sample]):
                 raise FileNotFoundError(f"{what} folder {folder} does not exist")
         parsed = load_panoptic_json(self.json_path)
         if not parsed.images:
-            raise ValueError(f"{self.json_path}: has no 'images' list, so the photos cannot be found")
+            raise ValueError(f"{self.json_path}: the split has no images (its 'images' list is missing or empty)")
         self.meta: DatasetMeta = parsed.meta
         self.panoptic_json = parsed
         self.annotations: list[PanopticAnnotation] = parsed.annotations

@@ -149,6 +149,29 @@ class ResizeShortestEdge:
         return f"ResizeShortestEdge(short_edge={self.short_edge}, max_size={self.max_size}, sample={self.sample!r})"
 
 
+class LimitLongestEdge:
+    """Shrink an image whose longer side exceeds `max_size` to that size (aspect kept); others pass.
+
+    What `min_size_test: 0` ("keep the file's size") does at test time: a 6000 x 8000 photo is
+    not run at full size, a small image is not enlarged.
+    """
+
+    def __init__(self, max_size: int) -> None:
+        if max_size < 1:
+            raise ValueError(f"max_size must be a positive length, got {max_size}")
+        self.max_size = int(max_size)
+
+    def __call__(self, image: Tensor, panoptic: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        _check_pair(image, panoptic)
+        h, w = image.shape[-2:]
+        if max(h, w) <= self.max_size:
+            return image, panoptic
+        return resize_pair(image, panoptic, shortest_edge_size(h, w, min(h, w), self.max_size))
+
+    def __repr__(self) -> str:
+        return f"LimitLongestEdge(max_size={self.max_size})"
+
+
 class RandomHorizontalFlip:
     """Mirror image and id map left-right with probability `p`."""
 
@@ -269,8 +292,9 @@ def build_transforms(cfg: DataConfig, is_train: bool) -> Compose:
     Training: ResizeShortestEdge(min_size_train, drawn per image, max_size_train) unless
     min_size_train is empty or [0]; RandomScaleCrop when scale_range or crop_size is set
     (scale (1, 1) when only crop_size is, no crop when only scale_range is); flip with
-    flip_prob; Normalize. Testing: ResizeShortestEdge(min_size_test, max_size_test) unless
-    min_size_test is 0; Normalize.
+    flip_prob; Normalize. Testing: ResizeShortestEdge(min_size_test, max_size_test); with
+    min_size_test 0 ("keep the file's size") max_size_test still caps the longer side (a large
+    photo is shrunk to it, a smaller one kept as it is); Normalize.
     """
     transforms: list[Transform] = []
     if is_train:
@@ -285,5 +309,7 @@ def build_transforms(cfg: DataConfig, is_train: bool) -> Compose:
             transforms.append(RandomHorizontalFlip(cfg.flip_prob))
     elif cfg.min_size_test > 0:
         transforms.append(ResizeShortestEdge(cfg.min_size_test, cfg.max_size_test))
+    elif cfg.max_size_test > 0:
+        transforms.append(LimitLongestEdge(cfg.max_size_test))
     transforms.append(Normalize(cfg.pixel_mean, cfg.pixel_std))
     return Compose(transforms)

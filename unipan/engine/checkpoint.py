@@ -12,15 +12,26 @@ A checkpoint is a dict of tensors and plain containers only (so the safe unpickl
 Files are written with `unipan.io.atomic_write` (temporary file + rename) and the
 `last_checkpoint` pointer is rewritten only after the file it names is complete, so a kill at any
 moment leaves the previous checkpoint usable; stale temporary files are never read.
+
+Each checkpoint has its SHA-256 beside it, `<name>.sha256` in `sha256sum` format (`sha256sum -c`
+checks it too), written once the checkpoint is in place. torch's zip reader checks no CRC, so a
+flipped byte would otherwise load without complaint: `read_checkpoint` (the one reading path of
+resume, eval, predict and `load_model_from_checkpoint`) compares the digest before loading and
+rejects a damaged file naming it. A checkpoint without a digest file (written before digests, or
+copied without it) loads unverified. Loads never unpickle code (`weights_only=True`), and their
+errors are told in one line without torch's advice to retry with `weights_only=False`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import hashlib
 import logging
 import os
 import random
 import re
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +42,7 @@ import torch
 from torch import nn
 
 from unipan.config import Config, config_to_dict
-from unipan.io import atomic_write, atomic_write_text
+from unipan.io import atomic_write, atomic_write_text, torch_load_failure
 from unipan.structures import DatasetMeta
 
 if TYPE_CHECKING:
@@ -43,6 +54,9 @@ LAST_CHECKPOINT = "last_checkpoint"
 """Name of the pointer file in an output folder; it holds the file name of the newest checkpoint."""
 
 FINAL_CHECKPOINT = "model_final.pth"
+
+DIGEST_SUFFIX = ".sha256"
+"""A checkpoint's digest file is its name plus this suffix: `model_final.pth.sha256`."""
 
 _PERIODIC_RE = re.compile(r"^model_(\d+)\.pth$")
 _REQUIRED_KEYS = ("model", "iteration", "model_name", "meta")
@@ -182,7 +196,84 @@ def save_checkpoint(
         if key in ckpt:
             raise ValueError(f"checkpoint extra key {key!r} is reserved")
         ckpt[key] = value
-    atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+    path = Path(path)
+    digest_path = _digest_path(path)
+    digest = ""
+
+    def write(tmp: Path) -> None:
+        nonlocal digest
+        _torch_save(ckpt, tmp, path)
+        digest = sha256_file(tmp)
+        # the old digest goes before the new file takes its name: a kill in between leaves a file
+        # without a digest (loaded unverified), never a digest that condemns a good file
+        digest_path.unlink(missing_ok=True)
+
+    atomic_write(path, write)
+    atomic_write_text(digest_path, f"{digest}  {path.name}\n")
+
+
+def _torch_save(ckpt: dict[str, Any], tmp: Path, path: Path) -> None:
+    """torch.save to a file path, its C++ writer's failures turned into an OSError naming `path`."""
+    try:
+        torch.save(ckpt, tmp)
+    except RuntimeError as e:
+        # torch's C++ zip writer reports a full disk as a RuntimeError ("PytorchStreamWriter failed
+        # writing file ...", "[enforce fail at inline_container.cc] unexpected pos ..."): no errno
+        text = str(e)
+        if not any(s in text for s in ("inline_container", "PytorchStreamWriter", "write")):
+            raise
+        free = shutil.disk_usage(path.parent).free
+        first = text.splitlines()[0] if text else type(e).__name__
+        if free < 64 * 2**20:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+        raise OSError(errno.EIO, f"cannot write the checkpoint ({first})", str(path)) from e
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(2**20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _digest_path(path: Path) -> Path:
+    return path.with_name(path.name + DIGEST_SUFFIX)
+
+
+def verify_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """Check a checkpoint file against its digest file.
+
+    Returns:
+        True when the digest matches, False when there is no digest file (nothing to check).
+
+    Raises:
+        CheckpointError: naming the file when its bytes differ from the digest written with it,
+            or the digest file is unreadable.
+    """
+    path = Path(path)
+    digest_path = _digest_path(path)
+    if not digest_path.is_file():
+        return False
+    try:
+        recorded = digest_path.read_text(encoding="utf-8").split()[0].lower()
+    except (OSError, UnicodeDecodeError, IndexError) as e:
+        raise CheckpointError(
+            f"checkpoint {path}: its digest file {digest_path.name} is unreadable (remove it to load the "
+            "checkpoint unverified)"
+        ) from e
+    if not re.fullmatch(r"[0-9a-f]{64}", recorded):
+        raise CheckpointError(
+            f"checkpoint {path}: its digest file {digest_path.name} holds no SHA-256 (remove it to load the "
+            "checkpoint unverified)"
+        )
+    if sha256_file(path) != recorded:
+        raise CheckpointError(
+            f"checkpoint {path} is damaged: its bytes differ from the SHA-256 recorded in {digest_path.name} "
+            "when it was written"
+        )
+    return True
 
 
 def write_last_checkpoint(output_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[str]) -> None:
@@ -190,28 +281,69 @@ def write_last_checkpoint(output_dir: str | os.PathLike[str], checkpoint: str | 
     atomic_write_text(Path(output_dir) / LAST_CHECKPOINT, Path(checkpoint).name + "\n")
 
 
-def find_last_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
-    """The newest complete checkpoint in `output_dir`, or None when there is none.
+def checkpoint_candidates(output_dir: str | os.PathLike[str]) -> list[Path]:
+    """The complete checkpoints of `output_dir`, newest first (what a resume tries in turn).
 
-    The `last_checkpoint` pointer decides; when it is missing or names a file that is gone, the
-    newest `model_final.pth` / `model_NNNNNNN.pth` is used. Temporary files of an interrupted
-    write (`.model_*.tmp`) are never considered.
+    The file the `last_checkpoint` pointer names comes first; when the pointer is missing or names
+    a file that is gone, `model_final.pth` and then the periodic `model_NNNNNNN.pth` from the
+    highest iteration down. Temporary files of an interrupted write (`.model_*.tmp`) are never
+    considered.
     """
     out = Path(output_dir)
     if not out.is_dir():
-        return None
+        return []
+    found: list[Path] = []
     pointer = out / LAST_CHECKPOINT
     if pointer.is_file():
-        name = pointer.read_text(encoding="utf-8").strip()
+        name = pointer.read_text(encoding="utf-8", errors="replace").strip()
         if name:
             target = out / name
-            if target.is_file():
-                return target
-            logger.warning("%s names %s, which does not exist; looking for other checkpoints", pointer, name)
+            if target.is_file() and target.parent == out:
+                found.append(target)
+            else:
+                logger.warning("%s names %s, which does not exist; looking for other checkpoints", pointer, name)
     if (out / FINAL_CHECKPOINT).is_file():
-        return out / FINAL_CHECKPOINT
+        found.append(out / FINAL_CHECKPOINT)
     periodic = sorted((int(m.group(1)), p) for p in out.iterdir() if (m := _PERIODIC_RE.match(p.name)) and p.is_file())
-    return periodic[-1][1] if periodic else None
+    found += [p for _, p in reversed(periodic)]
+    return list(dict.fromkeys(found))
+
+
+def find_last_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
+    """The newest complete checkpoint in `output_dir` (`checkpoint_candidates`' first), or None."""
+    candidates = checkpoint_candidates(output_dir)
+    return candidates[0] if candidates else None
+
+
+def read_newest_intact_checkpoint(
+    output_dir: str | os.PathLike[str], map_location: str | torch.device = "cpu"
+) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint of `output_dir` that reads back intact, and its contents.
+
+    A damaged or unreadable one is passed over with a warning naming it, and the next older one
+    is tried, so a resume falls back to the last good state instead of stopping (or, without a
+    digest check, silently loading flipped bytes).
+
+    Returns:
+        (path, checkpoint dict), or None when the folder has no checkpoint at all.
+
+    Raises:
+        CheckpointError: checkpoints exist but none of them is intact (names each).
+    """
+    problems = []
+    for path in checkpoint_candidates(output_dir):
+        try:
+            ckpt = read_checkpoint(path, map_location)
+        except CheckpointError as e:
+            logger.warning("%s; trying an older checkpoint", e)
+            problems.append(str(e))
+            continue
+        if problems:
+            logger.warning("resuming from %s, the newest intact checkpoint", path)
+        return path, ckpt
+    if problems:
+        raise CheckpointError(f"no intact checkpoint in {output_dir}: " + "; ".join(problems))
+    return None
 
 
 def _class_summary(categories: list[dict[str, Any]]) -> str:
@@ -263,21 +395,25 @@ def _load_model_state(path: Path, model: nn.Module, state: dict[str, Any]) -> No
 def read_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint file once (`torch.load(weights_only=True)`) and check it is a unipan one.
 
-    A checkpoint written before the config layout changed (config version 1) has its model state
+    The file is first checked against its digest (`verify_checkpoint`) when it has one. A
+    checkpoint written before the config layout changed (config version 1) has its model state
     keys renamed to today's layout here, so every loader sees one layout.
 
     Raises:
         FileNotFoundError: no such file.
-        CheckpointError: unreadable file, or not a unipan checkpoint.
+        CheckpointError: a damaged file (digest mismatch), an unreadable one, or not a unipan
+            checkpoint; one line naming the file.
     """
     path = Path(path)
     if not path.is_file():
+        if path.is_dir():
+            raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file")
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    verify_checkpoint(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        reason = str(e).splitlines()[0] if str(e) else ""
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {reason})") from e
+        raise CheckpointError(f"checkpoint {path} cannot be read: {torch_load_failure(e)}") from e
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in _REQUIRED_KEYS):
         have = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(

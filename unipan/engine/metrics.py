@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from unipan.io import atomic_write, atomic_write_text
+from unipan.io import atomic_write, atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 @contextlib.contextmanager
-def run_logging(output_dir: Path | None, rank: int = 0, level: int = logging.INFO) -> Iterator[None]:
+def run_logging(output_dir: Path | None, rank: int = 0, level: int = logging.INFO) -> Iterator[logging.Handler | None]:
     """Route `unipan` logging to the run's log file (and stderr) while active.
 
     `unipan` logs INFO on rank 0 (WARNING elsewhere) to output_dir/log.txt (rank 0) and to stderr
@@ -38,6 +38,10 @@ def run_logging(output_dir: Path | None, rank: int = 0, level: int = logging.INF
     Everything is undone on exit (handlers removed, levels restored), so a later run or a test's
     log capture is not affected. Records still propagate to the root logger, where an
     application's (or pytest's) handlers see them.
+
+    Yields:
+        The log file's handler (None off rank 0 or without `output_dir`), for records meant for
+        the file alone (why a run stopped: the console gets that as the command's one line).
     """
     unipan_logger = logging.getLogger("unipan")
     old_level = unipan_logger.level
@@ -57,7 +61,7 @@ def run_logging(output_dir: Path | None, rank: int = 0, level: int = logging.INF
     for handler in added:
         unipan_logger.addHandler(handler)
     try:
-        yield
+        yield added[-1] if output_dir is not None and rank == 0 else None
     finally:
         for handler in added:
             unipan_logger.removeHandler(handler)
@@ -65,26 +69,37 @@ def run_logging(output_dir: Path | None, rank: int = 0, level: int = logging.INF
         unipan_logger.setLevel(old_level)
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """All records of a metrics.jsonl; a torn last line (a kill mid-write) is skipped.
-
-    Raises:
-        ValueError: naming the file and line when a line other than the last is not JSON.
-    """
+def _read_records(path: Path) -> tuple[list[dict[str, Any]], list[int], int]:
+    """(the records of a metrics.jsonl, the numbers of its damaged lines, its number of lines)."""
     if not path.is_file():
-        return []
-    lines = path.read_text(encoding="utf-8").splitlines()
+        return [], [], 0
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
     records: list[dict[str, Any]] = []
+    damaged: list[int] = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if number == len(lines):
-                logger.warning("%s: ignoring a torn last line", path)
-                continue
-            raise ValueError(f"{path}: line {number} is not JSON: {e.msg}") from e
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            damaged.append(number)
+            continue
+        if isinstance(record, dict) and isinstance(record.get("iteration"), int):
+            records.append(record)
+        else:
+            damaged.append(number)
+    return records, damaged, len(lines)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """All records of a metrics.jsonl.
+
+    A damaged line (torn by a kill mid-write, or edited by hand) is skipped with a warning naming
+    the file and the line: the records are a log, and a resume or a plot must not stop at one.
+    """
+    records, damaged, _ = _read_records(path)
+    if damaged:
+        logger.warning("%s: skipping %d damaged line(s): %s", path, len(damaged), ", ".join(map(str, damaged[:10])))
     return records
 
 
@@ -106,7 +121,25 @@ class MetricsWriter:
         if not enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
-        kept = [r for r in read_metrics(self.path) if int(r.get("iteration", 0)) <= start_iter]
+        records, damaged, n_lines = _read_records(self.path)
+        if damaged == [n_lines]:
+            logger.warning("%s: leaving out a torn last line (a kill mid-write)", self.path)
+        elif damaged:
+            # the file is rewritten without them below; its old text stays readable beside it
+            backup = self.path.with_name(f"{METRICS_FILE}.damaged")
+            k = 1
+            while backup.exists():  # an earlier repair's copy stays too
+                k += 1
+                backup = self.path.with_name(f"{METRICS_FILE}.damaged-{k}")
+            atomic_write_bytes(backup, self.path.read_bytes())
+            logger.warning(
+                "%s: %d damaged line(s) (%s) left out; the file as it was is kept as %s",
+                self.path,
+                len(damaged),
+                ", ".join(map(str, damaged[:10])),
+                backup.name,
+            )
+        kept = [r for r in records if int(r["iteration"]) <= start_iter]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

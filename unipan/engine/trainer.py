@@ -9,7 +9,14 @@ Exact resume: the data order is a pure function of the iteration (see `sampler.p
 augmentation is seeded per stream position, evaluation and data loading never touch the
 training's RNGs, and a checkpoint stores model, optimizer, scheduler, AMP scaler, the iteration
 and every rank's RNG states. `train(cfg, resume=True)` after a stop or a kill therefore ends with
-the same weights as an uninterrupted run (bit-identical on CPU with a deterministic model).
+the same weights as an uninterrupted run (bit-identical on CPU with a deterministic model). It
+resumes from the newest checkpoint that reads back intact (digest checked), passing over a
+damaged one with a warning; the backbone's ImageNet file is not needed then.
+
+The run owns its folder (`unipan.engine.run_dir`): a lock for its life, and a folder holding an
+earlier run is refused unless the run resumes it or restarts (moving the old run aside). Why a
+run stopped (a non-finite loss, Ctrl-C, a full disk, ...) is the last line of its log.txt; Ctrl-C
+raises `TrainingInterrupted`, whose message names the iteration and the checkpoint to resume from.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import logging
 import math
 import os
 import random
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -37,15 +45,16 @@ from unipan.engine import distributed as du
 from unipan.engine.checkpoint import (
     FINAL_CHECKPOINT,
     checkpoint_name,
-    find_last_checkpoint,
     get_rng_state,
-    load_checkpoint,
+    read_newest_intact_checkpoint,
+    restore_checkpoint,
     save_checkpoint,
     set_rng_state,
     write_last_checkpoint,
 )
 from unipan.engine.evaluator import EvalResult, evaluate
 from unipan.engine.metrics import LOSS_CURVE_FILE, MetricsWriter, plot_loss_curve, read_metrics, run_logging
+from unipan.engine.run_dir import hold_run_folder, prepare_run_folder
 from unipan.engine.sampler import IterationBatchSampler, SeededDataset, derive_seed
 from unipan.engine.schedule import build_optimizer, build_scheduler
 from unipan.modeling.meta_arch import check_losses, model_size_divisibility
@@ -53,7 +62,19 @@ from unipan.structures import Batch, DatasetMeta, Sample
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EvalResult", "TrainResult", "evaluate", "resolve_device", "seed_everything", "train"]
+__all__ = [
+    "EvalResult",
+    "TrainResult",
+    "TrainingInterrupted",
+    "evaluate",
+    "resolve_device",
+    "seed_everything",
+    "train",
+]
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped training; the message names the iteration and what `--resume` continues from."""
 
 
 @dataclasses.dataclass
@@ -79,23 +100,33 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0, what: str = "engine.device") -> torch.device:
     """The torch device of a device name.
 
-    "auto" -> cuda:<local_rank> when CUDA is available, else cpu; "cuda" -> cuda:<local_rank>.
+    "auto" -> cuda:<local_rank> when CUDA is available, else cpu; "cuda" -> cuda:<local_rank>;
+    "cuda:N" -> that GPU.
+
+    Args:
+        name: auto | cpu | cuda | cuda:N.
+        local_rank: the process's GPU under torchrun.
+        what: how the user named the setting, for the error (`engine.device`, `--device`).
 
     Raises:
-        ValueError: unknown name, or "cuda" without a visible GPU.
+        ValueError: unknown name, or a GPU that is not there (one line).
     """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu":
         return torch.device("cpu")
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("engine.device is 'cuda' but no CUDA device is available")
-        return torch.device("cuda", local_rank)
-    raise ValueError(f"engine.device must be 'auto', 'cpu' or 'cuda', got {name!r}")
+    match = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if match is None:
+        raise ValueError(f"{what} must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"{what} is {name!r} but no CUDA device is available (use cpu)")
+    index = local_rank if match.group(1) is None else int(match.group(1))
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"{what} is {name!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return torch.device("cuda", index)
 
 
 def _has_val_split(cfg: DataConfig) -> bool:
@@ -116,6 +147,26 @@ def _build_split(cfg: Config, split: str, is_train: bool, output_dir: Path) -> D
     return dataset
 
 
+def _checkpoint_to_resume(output_dir: Path, is_main: bool) -> tuple[Path | None, dict[str, Any] | None]:
+    """The newest intact checkpoint of the run folder and its contents (rank 0 chooses, all read it)."""
+    from unipan.engine.checkpoint import CheckpointError, read_checkpoint
+
+    chosen: tuple[Path, dict[str, Any]] | None = None
+    outcome: Path | CheckpointError | None = None
+    if is_main:
+        try:
+            chosen = read_newest_intact_checkpoint(output_dir)
+            outcome = None if chosen is None else chosen[0]
+        except CheckpointError as e:
+            outcome = e
+    outcome = du.broadcast_object(outcome)  # every rank resumes from the same file, or stops
+    if isinstance(outcome, CheckpointError):
+        raise outcome
+    if outcome is None:
+        return None, None
+    return outcome, chosen[1] if chosen is not None else read_checkpoint(outcome)
+
+
 def _dataset_meta(dataset: Dataset[Sample], what: str) -> DatasetMeta:
     meta = getattr(dataset, "meta", None)
     if not isinstance(meta, DatasetMeta):
@@ -133,6 +184,22 @@ def _config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
         elif a != b:
             diffs.append(f"{name}: {a!r} -> {b!r}")
     return diffs
+
+
+@dataclasses.dataclass
+class _Progress:
+    """Where a run is: for the message when Ctrl-C stops it."""
+
+    max_iter: int
+    iteration: int  # completed iterations
+    checkpoint: Path | None = None
+    checkpoint_iteration: int = 0
+
+    def interrupted(self) -> str:
+        at = f"interrupted at iteration {self.iteration + 1} of {self.max_iter}"
+        if self.checkpoint is None:
+            return f"{at}; no checkpoint yet, so --resume starts from the beginning"
+        return f"{at}; --resume continues from {self.checkpoint} (iteration {self.checkpoint_iteration})"
 
 
 class _Averager:
@@ -165,6 +232,7 @@ def train(
     train_set: Dataset[Sample] | None = None,
     val_set: Dataset[Sample] | None = None,
     meta: DatasetMeta | None = None,
+    restart: bool = False,
 ) -> TrainResult:
     """Train a model as `cfg` says; evaluate, checkpoint and log along the way.
 
@@ -179,30 +247,89 @@ def train(
 
     Args:
         cfg: the resolved config.
-        resume: continue from the newest checkpoint in the output folder (from scratch when
-            there is none).
+        resume: continue from the newest intact checkpoint in the output folder (from scratch
+            when there is none).
         model: a model to train instead of building one (checkpoints still carry
             `cfg.model.name`).
         train_set: a dataset of `Sample`s to train on instead of building one.
         val_set: a dataset of `Sample`s to evaluate on instead of building one.
         meta: class information; defaults to `train_set.meta`.
+        restart: start over in a folder that holds a run: its files are moved aside to
+            `<output_dir>.old-<time>/` first (never deleted).
 
     Returns:
         TrainResult (identical on every rank).
 
     Raises:
+        RunFolderError (a ValueError): the output folder is in use by another run, or holds a run
+            and neither `resume` nor `restart` is given.
+        OSError: the output folder cannot be written, or a write failed (a full disk: errno
+            ENOSPC, naming the file; the last good checkpoint stays).
         ValueError: inconsistent config (batch size not divisible by the number of processes,
             unknown device or schedule), or a checkpoint of another model / other classes.
+        CheckpointError (a ValueError): `resume` found checkpoints but none intact.
         FloatingPointError: a loss became NaN or infinite (names the iteration and the losses).
+        TrainingInterrupted: Ctrl-C; names the iteration and the checkpoint to resume from.
     """
     created_group = not du.is_dist_initialized()
     rank, world_size, local_rank = du.init_distributed(cfg.engine.device)
+    output_dir = Path(cfg.engine.output_dir)
     try:
-        with run_logging(Path(cfg.engine.output_dir), rank):
-            return _train(cfg, resume, model, train_set, val_set, meta, rank, world_size, local_rank)
+        with contextlib.ExitStack() as folder:
+            problem: BaseException | None = None
+            if rank == 0:
+                try:
+                    folder.enter_context(hold_run_folder(output_dir))
+                    prepare_run_folder(output_dir, resume, restart, keep=_inputs_in(cfg, output_dir))
+                except (OSError, ValueError) as e:
+                    problem = e
+            if world_size > 1:
+                # every rank stops when rank 0 cannot have the folder
+                problem = du.broadcast_object(problem)
+            if problem is not None:
+                raise problem
+            with run_logging(output_dir, rank) as log_file:
+                try:
+                    return _train(cfg, resume, model, train_set, val_set, meta, rank, world_size, local_rank)
+                except BaseException as e:
+                    _log_why_the_run_stopped(log_file, e)
+                    raise
     finally:
         if created_group:
             du.cleanup()
+
+
+def _inputs_in(cfg: Config, output_dir: Path) -> list[Path]:
+    """Inputs a run may keep in its own folder: the synthetic set, by default <output_dir>/synthetic."""
+    from unipan.data.build import synthetic_root
+
+    if cfg.data.dataset != "synthetic":
+        return []
+    return [synthetic_root(cfg.data, output_dir)]
+
+
+# errors whose message says it all; any other ending gets its traceback in log.txt
+_TOLD_IN_ONE_LINE = (ValueError, OSError, FloatingPointError, KeyboardInterrupt)
+
+
+def _log_why_the_run_stopped(log_file: logging.Handler | None, e: BaseException) -> None:
+    """The last line of log.txt says why the run stopped (the console gets it from the command)."""
+    if log_file is None:
+        return
+    told = isinstance(e, _TOLD_IN_ONE_LINE)
+    message = str(e) or type(e).__name__
+    if isinstance(e, OSError) and e.filename is not None:
+        message = f"{e.filename}: {e.strerror}"
+    record = logger.makeRecord(
+        logger.name,
+        logging.ERROR,
+        __file__,
+        0,
+        "run stopped: %s",
+        (message if told else f"{type(e).__name__}: {message}",),
+        None if told else (type(e), e, e.__traceback__),
+    )
+    log_file.handle(record)
 
 
 def _train(  # noqa: C901 - the run set-up in order, kept whole until the step is split out
@@ -254,10 +381,17 @@ def _train(  # noqa: C901 - the run set-up in order, kept whole until the step i
         val_set = _build_split(cfg, "val", False, output_dir)
     if val_set is None:
         logger.warning("no validation split configured: training without PQ evaluation")
+    found, ckpt = _checkpoint_to_resume(output_dir, is_main) if resume else (None, None)
     if model is None:
         from unipan.modeling.registry import build_model
 
-        model = build_model(cfg, meta)
+        built_cfg = cfg
+        if ckpt is not None and cfg.model.backbone.weights:
+            # the checkpoint's weights replace the trunk's: its ImageNet file may be gone by now
+            built_cfg = dataclasses.replace(
+                cfg, model=dataclasses.replace(cfg.model, backbone=dataclasses.replace(cfg.model.backbone, weights=""))
+            )
+        model = build_model(built_cfg, meta)
     model.to(device)
     optimizer = build_optimizer(solver, model)
     scheduler = build_scheduler(solver, optimizer)
@@ -267,16 +401,12 @@ def _train(  # noqa: C901 - the run set-up in order, kept whole until the step i
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
 
     start_iter = 0
-    ckpt: dict[str, Any] | None = None
-    found: Path | None = None
     if resume:
-        found = find_last_checkpoint(output_dir) if is_main else None
-        found = du.broadcast_object(found)
-        if found is None:
+        if found is None or ckpt is None:
             logger.info("resume: no checkpoint in %s, starting from scratch", output_dir)
         else:
-            ckpt = load_checkpoint(
-                found, model, optimizer, scheduler, expect_model_name=cfg.model.name, expect_meta=meta
+            restore_checkpoint(
+                ckpt, found, model, optimizer, scheduler, expect_model_name=cfg.model.name, expect_meta=meta
             )
             start_iter = int(ckpt["iteration"])
             if scaler is not None and ckpt.get("scaler") is not None:
@@ -331,6 +461,7 @@ def _train(  # noqa: C901 - the run set-up in order, kept whole until the step i
     )
     writer = MetricsWriter(output_dir, start_iter=start_iter, enabled=is_main)
     final_ckpt = output_dir / FINAL_CHECKPOINT
+    progress = _Progress(solver.max_iter, start_iter, found, start_iter if found is not None else 0)
 
     # The training RNG stream: restored on resume, else seeded per rank (ranks draw differently).
     if ckpt is not None:
@@ -364,6 +495,7 @@ def _train(  # noqa: C901 - the run set-up in order, kept whole until the step i
             write_last_checkpoint(output_dir, path)
             logger.info("saved %s", path)
         du.barrier()
+        progress.checkpoint, progress.checkpoint_iteration = path, iteration
 
     def run_eval(iteration: int) -> dict[str, float]:
         assert val_set is not None and meta is not None
@@ -388,34 +520,39 @@ def _train(  # noqa: C901 - the run set-up in order, kept whole until the step i
     last_record: dict[str, Any] = {}
     final_eval: dict[str, float] = {}
     bar = _progress_bar(solver.max_iter, start_iter, enabled=is_main)
-    with contextlib.ExitStack() as stack:
-        stack.callback(writer.close)
-        stack.callback(bar.close)
-        console = [lg for lg in (logging.getLogger("unipan"), logging.getLogger()) if _has_console_handler(lg)]
-        if is_main and console:
-            # console log lines go through tqdm.write so they do not tear the progress bar
-            stack.enter_context(logging_redirect_tqdm(console))
-        if start_iter < solver.max_iter:
-            last_record, final_eval = _loop(
-                train_model,
-                model,
-                loader,
-                optimizer,
-                scheduler,
-                scaler,
-                cfg,
-                device,
-                start_iter,
-                writer,
-                bar,
-                save,
-                run_eval if val_set is not None else None,
-                final_ckpt,
-            )
-        else:
-            logger.info("checkpoint is at iteration %d >= max_iter %d: nothing to train", start_iter, solver.max_iter)
-            if val_set is not None:
-                final_eval = run_eval(start_iter)
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.callback(writer.close)
+            stack.callback(bar.close)
+            console = [lg for lg in (logging.getLogger("unipan"), logging.getLogger()) if _has_console_handler(lg)]
+            if is_main and console:
+                # console log lines go through tqdm.write so they do not tear the progress bar
+                stack.enter_context(logging_redirect_tqdm(console))
+            if start_iter < solver.max_iter:
+                last_record, final_eval = _loop(
+                    train_model,
+                    model,
+                    loader,
+                    optimizer,
+                    scheduler,
+                    scaler,
+                    cfg,
+                    device,
+                    progress,
+                    writer,
+                    bar,
+                    save,
+                    run_eval if val_set is not None else None,
+                    final_ckpt,
+                )
+            else:
+                logger.info(
+                    "checkpoint is at iteration %d >= max_iter %d: nothing to train", start_iter, solver.max_iter
+                )
+                if val_set is not None:
+                    final_eval = run_eval(start_iter)
+    except KeyboardInterrupt as e:
+        raise TrainingInterrupted(progress.interrupted()) from e
     if is_main and plot_loss_curve(
         read_metrics(output_dir / "metrics.jsonl"),
         output_dir / LOSS_CURVE_FILE,
@@ -455,16 +592,17 @@ def _loop(
     scaler: torch.amp.GradScaler | None,
     cfg: Config,
     device: torch.device,
-    start_iter: int,
+    progress: _Progress,
     writer: MetricsWriter,
     bar: Any,
     save: Callable[[int, Path], None],
     run_eval: Callable[[int], dict[str, float]] | None,
     final_ckpt: Path,
 ) -> tuple[dict[str, Any], dict[str, float]]:
-    """Iterations start_iter .. max_iter - 1; returns the last log record and the final eval."""
+    """Iterations progress.iteration .. max_iter - 1; returns the last log record and the final eval."""
     eng, solver = cfg.engine, cfg.solver
     max_iter = solver.max_iter
+    start_iter = progress.iteration
     params = [p for p in model.parameters() if p.requires_grad]
     loss_keys: list[str] | None = None
     window = _Averager()
@@ -478,6 +616,7 @@ def _loop(
     train_model.train()
     data_iter: Iterator[Batch] = iter(loader)
     for iteration in range(start_iter, max_iter):
+        progress.iteration = iteration
         t0 = time.perf_counter()
         batch = next(data_iter).to(device)
         t_data = time.perf_counter() - t0

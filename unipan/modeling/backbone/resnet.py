@@ -18,6 +18,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import FrozenBatchNorm2d
 
 from unipan.config import BackboneConfig
+from unipan.files import torch_load_failure
 
 __all__ = [
     "NORMS",
@@ -228,7 +229,7 @@ def load_trunk_weights(trunk: ResNetTrunk, path: str | os.PathLike[str]) -> None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any unpickling error means an unusable file
-        raise ValueError(f"backbone weights {path}: cannot load ({type(e).__name__}: {e})") from e
+        raise ValueError(f"backbone weights {path}: cannot load: {torch_load_failure(e)}") from e
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
