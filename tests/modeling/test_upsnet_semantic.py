@@ -36,7 +36,8 @@ def test_head_shapes_and_layer_widths() -> None:
     # each offset conv reads its layer's input
     assert [b.offset.in_channels for b in head.subnet] == [8, 8, 4]
     assert all(block.offset is not None and block.offset.out_channels == 18 for block in head.subnet)
-    logits, feature = head(_features(2, 32))
+    feats = _features(2, 32)
+    logits, feature = head(feats), head.semantic_feature(feats)
     assert logits.shape == (2, 5, 32, 32) and feature.shape == (2, 16, 32, 32)
     assert head.feature_channels == 16 and head.common_stride == 4
     # Cityscapes' 256->128, 128->128: mid_channels is not used with two layers
@@ -145,13 +146,16 @@ def test_roi_logits_and_loss() -> None:
     torch.manual_seed(0)
     head = UPSNetSemanticHead(in_shapes=SHAPES, num_classes=3, num_convs=1, out_channels=2)
     feature = torch.randn(2, head.feature_channels, 8, 8, requires_grad=True)
-    boxes = [torch.tensor([[0.0, 0.0, 16.0, 12.0], [4.0, 8.0, 30.0, 30.0]]), torch.tensor([[2.0, 2.0, 20.0, 10.0]])]
-    logits = head.roi_logits(feature, boxes, output_size=7)
+    # boxes inside the 32 x 32 image, one reaching both far borders
+    boxes = [torch.tensor([[0.0, 0.0, 16.0, 12.0], [4.0, 8.0, 32.0, 32.0]]), torch.tensor([[2.0, 2.0, 20.0, 10.0]])]
+    scores = head.scorer(feature)
+    logits = head.roi_logits(scores, boxes, output_size=7)
+    # pooling the scores equals the released code's order, scoring the pooled 512-channel feature
     pooled = roi_align(feature, boxes, output_size=7, spatial_scale=0.25, sampling_ratio=2, aligned=True)
-    torch.testing.assert_close(logits, head.scorer(pooled))
+    torch.testing.assert_close(logits, head.scorer(pooled), rtol=1e-5, atol=1e-5)
     sem_segs = [torch.randint(0, 3, (32, 32)), torch.full((32, 32), IGNORE_LABEL)]
     sem_segs[1][:, :10] = 1
-    loss = semantic_roi_loss(head, feature, boxes, sem_segs, output_size=7)
+    loss = semantic_roi_loss(head, scores, boxes, sem_segs, output_size=7)
     targets = torch.cat([roi_semantic_targets(s, b, 7) for s, b in zip(sem_segs, boxes, strict=True)])
     assert bool((targets == IGNORE_LABEL).any())
     # the released code's mean over every cell, ignored cells counting 0 (reduce=False, then .mean())
@@ -160,7 +164,7 @@ def test_roi_logits_and_loss() -> None:
     loss.backward()
     assert feature.grad is not None and bool((feature.grad != 0).any())
     assert head.scorer.weight.grad is not None and bool((head.scorer.weight.grad != 0).any())
-    empty = semantic_roi_loss(head, feature, [boxes[0][:0], boxes[1][:0]], sem_segs)
+    empty = semantic_roi_loss(head, scores, [boxes[0][:0], boxes[1][:0]], sem_segs)
     assert float(empty.detach()) == 0.0 and empty.requires_grad
 
 

@@ -8,8 +8,8 @@
   256 -> 128, 128 -> 128 with 2 (Cityscapes).
 - The P3-P5 outputs are bilinearly upsampled to P2's size and concatenated (4 x 128 = 512
   channels, the "semantic feature"); a 1x1 conv scores all S + T classes, stuff first.
-- RoI loss: RoIAlign (28 x 28) of the semantic feature at the GT boxes, through the same 1x1
-  scorer, cross-entropy against the GT semantic crop resized (nearest) to 28 x 28, averaged
+- RoI loss: RoIAlign (28 x 28) at the GT boxes of the 1x1 scorer's output (the released code
+  pools the semantic feature, then scores it: the same logits, see `roi_logits`), cross-entropy against the GT semantic crop resized (nearest) to 28 x 28, averaged
   over all K x 28 x 28 cells, ignored ones included (the released code's unreduced loss
   followed by `.mean()`).
 
@@ -168,24 +168,29 @@ class UPSNetSemanticHead(nn.Module):
             outs.append(y)
         return torch.cat(outs, dim=1)
 
-    def forward(self, features: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Semantic logits and feature at stride 4.
+    def forward(self, features: dict[str, Tensor]) -> Tensor:
+        """Semantic logits at stride 4.
 
         Args:
             features: backbone features holding `in_features`.
 
         Returns:
-            (logits FloatTensor[B, C, H/4, W/4], semantic feature FloatTensor[B, 512, H/4, W/4]).
+            FloatTensor[B, C, H/4, W/4].
         """
-        feature = self.semantic_feature(features)
-        return self.scorer(feature), feature
+        return self.scorer(self.semantic_feature(features))
 
-    def roi_logits(self, feature: Tensor, boxes: Sequence[Tensor], output_size: int = 28) -> Tensor:
-        """Class logits of RoIs: RoIAlign of the semantic feature, then the shared 1x1 scorer.
+    def roi_logits(self, logits: Tensor, boxes: Sequence[Tensor], output_size: int = 28) -> Tensor:
+        """Class logits of RoIs: RoIAlign of the head's stride-4 logits.
+
+        The released code pools the 512-channel semantic feature and then applies the 1x1 scorer.
+        Both are linear and RoIAlign's bilinear weights sum to one wherever its samples lie within
+        the map (always, for boxes inside the image), so pooling the scored map gives the same
+        logits while RoIAlign's backward, a serial scatter loop on the CPU, touches num_classes
+        channels instead of 512 (on the tiny UPSNet it was 40% of a training step).
 
         Args:
-            feature: FloatTensor[B, 512, H/4, W/4] from `forward`.
-            boxes: per image FloatTensor[K_i, 4] xyxy boxes in input pixels.
+            logits: FloatTensor[B, C, H/4, W/4] from `forward`.
+            boxes: per image FloatTensor[K_i, 4] xyxy boxes in input pixels, inside the image.
             output_size: RoI resolution (28).
 
         Returns:
@@ -193,15 +198,14 @@ class UPSNetSemanticHead(nn.Module):
         """
         # Boxes stay float32 (fp16 would round coordinates above 2048 to 2 px); RoIAlign runs in
         # float32, as torchvision's autocast rule for it does anyway.
-        pooled = roi_align(
-            feature.float(),
+        return roi_align(
+            logits.float(),
             [b.float() for b in boxes],
             output_size=output_size,
             spatial_scale=1.0 / self.common_stride,
             sampling_ratio=2,
             aligned=True,
         )
-        return self.scorer(pooled.to(feature.dtype))
 
 
 def roi_semantic_targets(sem_seg: Tensor, boxes: Tensor, output_size: int = 28) -> Tensor:
@@ -233,7 +237,7 @@ def roi_semantic_targets(sem_seg: Tensor, boxes: Tensor, output_size: int = 28) 
 
 def semantic_roi_loss(
     head: UPSNetSemanticHead,
-    feature: Tensor,
+    logits: Tensor,
     boxes: Sequence[Tensor],
     sem_segs: Sequence[Tensor],
     output_size: int = 28,
@@ -242,7 +246,7 @@ def semantic_roi_loss(
 
     Args:
         head: the semantic head (its scorer is shared).
-        feature: FloatTensor[B, 512, H/4, W/4] semantic feature.
+        logits: FloatTensor[B, C, H/4, W/4] the head's logits.
         boxes: per image FloatTensor[K_i, 4] GT boxes in input pixels.
         sem_segs: per image LongTensor[h_i, w_i] (or the padded [Hp, Wp]) class index targets.
         output_size: 28.
@@ -256,13 +260,13 @@ def semantic_roi_loss(
         raise ValueError(f"{len(boxes)} box sets for {len(sem_segs)} semantic maps")
     targets = torch.cat([roi_semantic_targets(s, b, output_size) for s, b in zip(sem_segs, boxes, strict=True)])
     if targets.shape[0] == 0:
-        return feature.sum() * 0.0
+        return logits.sum() * 0.0
     # float32 logits for the cross-entropy (as detectron2 does under AMP)
-    logits = head.roi_logits(feature, boxes, output_size).float()
-    num_classes = logits.shape[1]
+    roi = head.roi_logits(logits, boxes, output_size)
+    num_classes = roi.shape[1]
     valid = targets != IGNORE_LABEL
     if bool((valid & ((targets < 0) | (targets >= num_classes))).any()):
         bad = int(targets[valid & ((targets < 0) | (targets >= num_classes))][0])
         raise ValueError(f"RoI loss: semantic target {bad} out of range for {num_classes} classes")
-    total = F.cross_entropy(logits, targets, ignore_index=IGNORE_LABEL, reduction="sum")
+    total = F.cross_entropy(roi, targets, ignore_index=IGNORE_LABEL, reduction="sum")
     return total / targets.numel()

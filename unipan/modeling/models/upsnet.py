@@ -122,7 +122,7 @@ class UPSNet(PanopticModel):
         instances = self.instance_branch.run(features, batch.image_sizes, padded_size, targets)
         losses = {name: loss * self.instance_loss_weight for name, loss in instances.losses.items()}
 
-        sem_logits, sem_feature = self.semantic_head(features)
+        sem_logits = self.semantic_head(features)
         # crowd pixels carry their thing class (both reference implementations train them)
         padded_sem = batch.padded_sem_seg(crowd_meta=self.meta)
         check_sem_seg(padded_sem, batch.image_ids, self.meta.num_classes)
@@ -132,7 +132,7 @@ class UPSNet(PanopticModel):
         )
         if self.roi_loss_weight > 0:
             roi = semantic_roi_loss(
-                self.semantic_head, sem_feature, [t.boxes for t in targets], list(padded_sem), self.roi_loss_size
+                self.semantic_head, sem_logits, [t.boxes for t in targets], list(padded_sem), self.roi_loss_size
             )
             losses["loss_sem_roi"] = roi * self.roi_loss_weight
         if self.panoptic_loss and self.panoptic_loss_weight > 0:
@@ -187,7 +187,7 @@ class UPSNet(PanopticModel):
         """Per image RawPrediction at its input size (oracle modes applied)."""
         padded_size = (int(batch.images.shape[-2]), int(batch.images.shape[-1]))
         features = self.backbone(batch.images)
-        sem_logits, _ = self.semantic_head(features)
+        sem_logits = self.semantic_head(features)
         targets = batch.targets if self.needs_targets_at_inference else None
         if self.oracle_boxes:
             assert targets is not None
