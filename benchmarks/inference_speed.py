@@ -1,6 +1,7 @@
 """Inference time of unipan's models against torchvision's Mask R-CNN, in one run.
 
-Setting: one 800 x 1216 image, COCO-sized heads (80 things, 53 stuff), random weights,
+Setting: one 800 x 1216 image, COCO-sized heads (80 things, 53 stuff), random weights (the
+parts a model shares with Panoptic FPN take Panoptic FPN's, so both keep the same detections),
 the same number of detections on both sides (score threshold 0, 100 detections kept), 2 CPU
 threads, median of `--runs` timed runs after one warm-up run. unipan's time is the whole
 `model(batch)` call: backbone, both branches and the panoptic fusion, at the input size.
@@ -162,6 +163,20 @@ def unipan_model(name: str, meta: DatasetMeta) -> nn.Module:
     return build_model(cfg, meta).eval()
 
 
+def share_weights(model: nn.Module, base: nn.Module) -> int:
+    """Copy into `model` every parameter and buffer of `base` with the same name and shape.
+
+    AUNet and REFINE extend Panoptic FPN under the same names: with its weights for the shared
+    parts, both see the same proposals and detections, so a time ratio measures the added
+    modules, not two random draws that happen to keep different detections. Returns how many
+    tensors were copied.
+    """
+    theirs = base.state_dict()
+    shared = {k: v for k, v in theirs.items() if k in model.state_dict() and model.state_dict()[k].shape == v.shape}
+    model.load_state_dict(shared, strict=False)
+    return len(shared)
+
+
 MAC_SIZES = ((800, 1216), (600, 1000))
 
 
@@ -190,6 +205,9 @@ def mac_comparison(names: list[str], runs: int, device: torch.device) -> None:
     meta = coco_sized_meta()
     names = ["panoptic_fpn", *[n for n in names if n != "panoptic_fpn"]]
     models = {name: unipan_model(name, meta).to(device) for name in names}
+    for name, model in models.items():
+        if name != "panoptic_fpn":
+            share_weights(model, models["panoptic_fpn"])
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
     for h, w in MAC_SIZES:
@@ -294,8 +312,11 @@ def main() -> None:
         original_sizes=[(h, w)],
     )
     times: dict[str, float] = {}
+    base_model = unipan_model("panoptic_fpn", meta).to(device) if "panoptic_fpn" in args.models else None
     for name in args.models:
-        model = unipan_model(name, meta).to(device)
+        model = base_model if name == "panoptic_fpn" else unipan_model(name, meta).to(device)
+        if base_model is not None and name != "panoptic_fpn":
+            share_weights(model, base_model)
         with torch.inference_mode():
             s, out = time_runs(lambda model=model: model(batch), args.runs)
         raw = out[0].raw  # type: ignore[index]
