@@ -30,9 +30,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.ops import roi_align
 
 from unipan.modeling.heads.roi_mask import MaskHead
+from unipan.modeling.layers.roi_align import roi_align
 from unipan.modeling.layers.roi_flatten import roi_flatten
 
 __all__ = ["IBPP", "IBPPMaskHead", "IBPPSemanticHead", "IBPPStep"]

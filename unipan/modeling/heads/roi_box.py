@@ -1,10 +1,11 @@
 """Fast R-CNN box head on pyramid levels: RoI sampling, pooling, two-fc head, loss, detections.
 
 Built from torchvision's parts (`MultiScaleRoIAlign`, `TwoMLPHead`, `FastRCNNPredictor`, `Matcher`,
-`BalancedPositiveNegativeSampler`, `BoxCoder`, `fastrcnn_loss`); the sampling and post-processing
-follow torchvision's `RoIHeads.select_training_samples` / `postprocess_detections` step for step,
-so results equal torchvision's given the same weights and random state. `RoIHeads` itself is not
-used because it bundles the mask and keypoint heads, which are parts of their own here.
+`BalancedPositiveNegativeSampler`, `BoxCoder`, `fastrcnn_loss`; the pooler is unipan's subclass of
+torchvision's, equal to it with a faster CPU backward, `layers/roi_align.py`); the sampling and
+post-processing follow torchvision's `RoIHeads.select_training_samples` / `postprocess_detections`
+step for step, so results equal torchvision's given the same weights and random state. `RoIHeads`
+itself is not used because it bundles the mask and keypoint heads, which are parts of their own here.
 
 Label spaces: the classifier has class 0 = background, so torchvision label t + 1 is thing index t.
 Every input and output of `BoxHead`'s public methods speaks thing indices (-1 = background).
@@ -21,11 +22,11 @@ from torch import Tensor, nn
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.roi_heads import fastrcnn_loss
-from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops import boxes as box_ops
 
 from unipan.config import RoIHeadsConfig
 from unipan.modeling.layers import require_features
+from unipan.modeling.layers.roi_align import MultiScaleRoIAlign
 
 __all__ = ["ROI_IN_FEATURES", "BoxHead", "RoISamples", "build_box_head"]
 

@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import project_masks_on_boxes
-from torchvision.ops import MultiScaleRoIAlign
 
 from unipan.config import MaskHeadConfig
 from unipan.modeling.heads.roi_box import ROI_IN_FEATURES
 from unipan.modeling.layers import require_features
+from unipan.modeling.layers.roi_align import MultiScaleRoIAlign
 
 __all__ = ["MaskHead", "build_mask_head", "mask_rcnn_loss", "mask_rcnn_targets"]
 

@@ -9,9 +9,9 @@
 - The P3-P5 outputs are bilinearly upsampled to P2's size and concatenated (4 x 128 = 512
   channels, the "semantic feature"); a 1x1 conv scores all S + T classes, stuff first.
 - RoI loss: RoIAlign (28 x 28) at the GT boxes of the 1x1 scorer's output (the released code
-  pools the semantic feature, then scores it: the same logits, see `roi_logits`), cross-entropy against the GT semantic crop resized (nearest) to 28 x 28, averaged
-  over all K x 28 x 28 cells, ignored ones included (the released code's unreduced loss
-  followed by `.mean()`).
+  pools the semantic feature, then scores it: the same logits, see `roi_logits`), cross-entropy
+  against the GT semantic crop resized (nearest) to 28 x 28, averaged over all K x 28 x 28
+  cells, ignored ones included (the released code's unreduced loss followed by `.mean()`).
 
 The COCO global context (GAP(res5) -> Linear, added to P5's lateral) is part of the backbone:
 `unipan.modeling.backbone.fpn.GlobalContext`.
@@ -24,10 +24,11 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import DeformConv2d, roi_align
+from torchvision.ops import DeformConv2d
 
 from unipan.modeling.layers import require_features
 from unipan.modeling.layers.deform_conv import deform_conv2d_any
+from unipan.modeling.layers.roi_align import roi_align
 from unipan.structures import IGNORE_LABEL
 
 __all__ = [
@@ -185,8 +186,9 @@ class UPSNetSemanticHead(nn.Module):
         The released code pools the 512-channel semantic feature and then applies the 1x1 scorer.
         Both are linear and RoIAlign's bilinear weights sum to one wherever its samples lie within
         the map (always, for boxes inside the image), so pooling the scored map gives the same
-        logits while RoIAlign's backward, a serial scatter loop on the CPU, touches num_classes
-        channels instead of 512 (on the tiny UPSNet it was 40% of a training step).
+        logits while RoIAlign's backward, whose cost grows with the channels, touches num_classes
+        channels instead of 512 (with torchvision's serial CPU backward, pooling the feature was
+        40% of a tiny UPSNet training step).
 
         Args:
             logits: FloatTensor[B, C, H/4, W/4] from `forward`.

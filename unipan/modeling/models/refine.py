@@ -28,7 +28,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import MultiScaleRoIAlign, roi_align
 
 from unipan.config.models import RefineConfig
 from unipan.fusion.occlusion import OCCLUSION_METHODS, candidate_pairs, occlusion_fusion, occlusion_targets
@@ -40,6 +39,7 @@ from unipan.modeling.heads.occlusion import OcclusionHead
 from unipan.modeling.heads.roi_mask import MaskHead, mask_rcnn_targets
 from unipan.modeling.heads.semantic_fpn import SemanticFPNHead
 from unipan.modeling.layers.losses import semantic_loss, upsample_logits
+from unipan.modeling.layers.roi_align import MultiScaleRoIAlign, roi_align
 from unipan.modeling.meta_arch import Fusion, PanopticModel, check_sem_seg
 from unipan.structures import Batch, DatasetMeta, PanopticTarget, RawPrediction
 
