@@ -4,7 +4,8 @@ Two trainings of unipan/configs/refine/tiny_synth.yaml with the same data, sched
 
 - base: `model.refine.ibpp_iterations=0 model.occlusion.enabled=false` (Panoptic FPN with the
   all-class semantic head: the paper's baseline);
-- full: the config as is (IBPP x 3 and the occlusion head, trained jointly on detached inputs).
+- full: the config as is (IBPP with the config's T iterations and the occlusion head, trained
+  jointly on detached inputs).
 
 By default both get the config's steps (equal steps); `--equal-time` gives the base as many steps
 as fit in the full model's training time instead (it is cheaper per step). Then the rows, each on
@@ -98,7 +99,16 @@ def main(argv: list[str] | None = None) -> int:
         help="the full model's checkpoint from a run of the same config (`unipan demo --model refine`'s "
         "run/model_final.pth) instead of training it again; its training time is read from the demo's report.json",
     )
+    parser.add_argument(
+        "--base-weights",
+        type=Path,
+        default=None,
+        help="the base model's checkpoint from an earlier run of this script (<out>/base/model_final.pth) "
+        "instead of training it again (its time is then not known)",
+    )
     args = parser.parse_args(argv)
+    if args.base_weights is not None and args.equal_time:
+        parser.error("--base-weights and --equal-time exclude each other (the base's steps are set by the run)")
     if args.full_weights is None:
         full_ckpt, full_s = run(args.out, "full", [])
     else:
@@ -113,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
             f"solver.max_iter={base_steps}",
             f"solver.steps=[{int(base_steps * 0.815)},{int(base_steps * 0.946)}]",
         ]
-    base_ckpt, base_s = run(args.out, "base", base_overrides)
+    if args.base_weights is None:
+        base_ckpt, base_s = run(args.out, "base", base_overrides)
+    else:
+        base_ckpt, base_s = args.base_weights, float("nan")
     results = {"base": rows_of(base_ckpt, [ROWS[0][2]]), "full": rows_of(full_ckpt, [r[2] for r in ROWS[1:]])}
     table = [("base", results["base"][0])] + [
         (row, pq) for (row, _, _), pq in zip(ROWS[1:], results["full"], strict=True)
@@ -123,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     for row, pq in table:
         print(f"| {row} | {100 * pq.pq:.1f} | {100 * pq.things.pq:.1f} | {100 * pq.stuff.pq:.1f} |")
     summary = {row: {"pq": pq.pq, "pq_th": pq.things.pq, "pq_st": pq.stuff.pq} for row, pq in table}
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table3.json").write_text(json.dumps(summary, indent=2))
     return 0
 
