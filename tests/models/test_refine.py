@@ -114,7 +114,7 @@ def test_images_without_instances_have_zero_instance_losses() -> None:
     batch = stuff_only(stuff_only(batch, meta, 0), meta, 1)
     losses = tiny(meta).train()(batch)
     assert isinstance(losses, dict)
-    for key in ("loss_mask_t1", "loss_mask_t3", "loss_occlusion"):
+    for key in ("loss_mask_t1", "loss_mask_t2", "loss_occlusion"):
         assert float(losses[key].detach()) == 0.0 and losses[key].requires_grad
 
 
