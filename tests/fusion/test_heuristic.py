@@ -19,7 +19,13 @@ import torch.nn.functional as F
 from torchvision.models.detection.roi_heads import paste_masks_in_image as tv_paste_masks_in_image
 
 from unipan.fusion.heuristic import heuristic_fusion
-from unipan.fusion.paste import box_windows, paste_mask_in_box, paste_masks_in_boxes, paste_masks_in_image
+from unipan.fusion.paste import (
+    box_windows,
+    iter_paste_masks_batched,
+    paste_mask_in_box,
+    paste_masks_in_boxes,
+    paste_masks_in_image,
+)
 from unipan.fusion.settings import HeuristicFusionSettings
 from unipan.io import read_id_png, write_id_png
 from unipan.structures import (
@@ -197,6 +203,36 @@ def test_paste_aligned_equals_grid_sample_reference(seed: int) -> None:
     # binary masks are the same
     assert ref[~inside].max() < 0.5
     assert torch.equal(ours >= 0.5, ref >= 0.5)
+
+
+@pytest.mark.parametrize("outside", ["zero", "edge"])
+def test_batched_paste_equals_the_per_box_paste(outside: str) -> None:
+    """Grouped by window size and padded, each box's window holds its own paste and zeros beyond."""
+    g = torch.Generator().manual_seed(5)
+    h, w = 40, 56
+    n = 30
+    sides = torch.exp(torch.rand(n, 2, generator=g) * 3.5)  # 1..33 px, several size groups
+    xy = torch.rand(n, 2, generator=g) * torch.tensor([w + 10.0, h + 10.0]) - 5  # some cross the border
+    boxes = torch.cat([xy, xy + sides], dim=1)
+    boxes[3] = torch.tensor([70.0, 50.0, 80.0, 60.0])  # outside the image: empty window
+    boxes[4] = torch.tensor([10.0, 10.0, 10.0, 20.0])  # degenerate
+    masks = torch.rand(n, 7, 7, generator=g, dtype=torch.float64)
+    single = paste_masks_in_boxes(masks, boxes, (h, w), outside=outside)  # type: ignore[arg-type]
+    seen: list[int] = []
+    groups = 0
+    for index, pasted, windows in iter_paste_masks_batched(masks, boxes, (h, w), outside=outside):  # type: ignore[arg-type]
+        groups += 1
+        for j, i in enumerate(index.tolist()):
+            values, window = single[i]
+            assert tuple(windows[j].tolist()) == window
+            y0, y1, x0, x1 = window
+            torch.testing.assert_close(pasted[j, : y1 - y0, : x1 - x0], values, rtol=0, atol=1e-12)
+            assert not pasted[j, y1 - y0 :].any() and not pasted[j, :, x1 - x0 :].any()
+            seen.append(i)
+    nonempty = [i for i, (_, (y0, y1, x0, x1)) in enumerate(single) if y1 > y0 and x1 > x0]
+    assert sorted(seen) == nonempty and 3 not in seen and 4 not in seen
+    assert groups > 1
+    assert list(iter_paste_masks_batched(masks[:0], boxes[:0], (h, w))) == []
 
 
 def test_paste_aligned_vs_torchvision_differ_only_by_snapping() -> None:

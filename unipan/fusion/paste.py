@@ -240,6 +240,68 @@ def iter_paste_masks_in_boxes(
         yield values, (y0, y1, x0, x1)
 
 
+def iter_paste_masks_batched(
+    masks: Tensor, boxes: Tensor, image_size: tuple[int, int], *, outside: Outside = "zero"
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """The aligned paste of `iter_paste_masks_in_boxes` for groups of boxes at once.
+
+    Boxes are grouped by window size (the larger side rounded up to a power of two), each group
+    padded to its largest window and pasted with two batched products, so N boxes cost a few
+    calls instead of 2 N (and as many autograd nodes): what a training step that pastes hundreds
+    of RoIs needs. Within a group, rows and columns beyond a box's own window are 0.
+
+    Args:
+        masks: FloatTensor[N, M, M'] (differentiable).
+        boxes: FloatTensor[N, 4] xyxy in pixels (not differentiated).
+        image_size: (h, w).
+        outside: "zero" or "edge", as for `iter_paste_masks_in_boxes`.
+
+    Yields:
+        (index LongTensor[n] of the group's boxes, pasted FloatTensor[n, Hg, Wg], windows
+        LongTensor[n, 4] (y0, y1, x0, x1) of those boxes); boxes with an empty window are left out.
+    """
+    _check_masks(masks)
+    boxes = _as_boxes(boxes, masks.shape[0])
+    n, grid_h, grid_w = masks.shape
+    if n == 0:
+        return
+    boxes64 = boxes.detach().to(device="cpu", dtype=torch.float64)
+    win = box_windows(boxes64, image_size, "aligned", outside)
+    heights, widths = win[:, 1] - win[:, 0], win[:, 3] - win[:, 2]
+    nonempty = (heights > 0) & (widths > 0)
+    win[~nonempty] = 0
+    wy, off_y = _bilinear_weights(
+        win[:, 0], win[:, 1], boxes64[:, 1], boxes64[:, 3], grid_h, outside, masks.dtype, masks.device
+    )
+    wx, off_x = _bilinear_weights(
+        win[:, 2], win[:, 3], boxes64[:, 0], boxes64[:, 2], grid_w, outside, masks.dtype, masks.device
+    )
+    side = torch.maximum(heights, widths).clamp(min=1)
+    bucket = torch.ceil(torch.log2(side.to(torch.float64))).long()
+    for b in torch.unique(bucket[nonempty]).tolist():
+        index = torch.nonzero(nonempty & (bucket == b)).squeeze(1)
+        hs, ws = heights[index], widths[index]
+        hg, wg = int(hs.max()), int(ws.max())
+        pad_y = _padded_rows(wy, off_y[index], hs, hg)
+        pad_x = _padded_rows(wx, off_x[index], ws, wg)
+        dev_index = index.to(masks.device)
+        pasted = torch.bmm(torch.bmm(pad_y, masks[dev_index]), pad_x.transpose(1, 2))
+        yield dev_index, pasted, win[index].to(masks.device)
+
+
+def _padded_rows(weights: Tensor, starts: Tensor, lengths: Tensor, size: int) -> Tensor:
+    """Rows starts[i] .. starts[i] + lengths[i] of `weights` [L, M] as FloatTensor[n, size, M], zero-padded."""
+    n = int(starts.numel())
+    out = weights.new_zeros((n, size, weights.shape[1]))
+    total = int(lengths.sum())
+    if total:
+        owner = torch.repeat_interleave(torch.arange(n), lengths)
+        first = torch.cumsum(lengths, 0) - lengths
+        row = torch.arange(total) - first[owner]
+        out[owner.to(weights.device), row.to(weights.device)] = weights[(starts[owner] + row).to(weights.device)]
+    return out
+
+
 def _paste_torchvision(masks: Tensor, boxes: Tensor, image_size: tuple[int, int]) -> list[tuple[Tensor, Window]]:
     h, w = image_size
     n, grid_h, grid_w = masks.shape

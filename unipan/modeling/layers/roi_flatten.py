@@ -14,9 +14,11 @@ positives would otherwise paint "thing" over stuff.
 
 Geometry: detectron2's aligned paste (`unipan.fusion.paste`, ``outside="zero"``): the M x M grid
 spans the box edge to edge; canvas pixel x (centre (x + 0.5) * stride in input pixels) samples it
-bilinearly, zero beyond the grid. The paste is two small matrix products per box (differentiable in
-the mask), and the per-class maximum is one `scatter_reduce("amax")` over the pasted windows, whose
-backward splits the gradient evenly between tied maxima. No K x h x w tensor is materialised.
+bilinearly, zero beyond the grid. The paste is two matrix products per box (differentiable in the
+mask), batched over boxes of similar window size (`iter_paste_masks_batched`: a few calls for
+hundreds of training RoIs), and the per-class maximum is one `scatter_reduce("amax")` over the
+pasted windows, whose backward splits the gradient evenly between tied maxima. No K x h x w tensor
+is materialised.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from unipan.fusion.paste import iter_paste_masks_in_boxes
+from unipan.fusion.paste import iter_paste_masks_batched
 
 __all__ = ["roi_flatten"]
 
@@ -82,17 +84,19 @@ def roi_flatten(
     values = mask_probs if weights is None else mask_probs * weights.to(mask_probs.dtype)[:, None, None]
     # the paste's bilinear weights are built from the boxes on the CPU; the boxes get no gradient
     scaled = boxes.detach().to(torch.float64) / float(stride)
-    channel = (image_index.to(torch.long) * num_things + labels.to(torch.long)).tolist()
     pieces: list[Tensor] = []
     targets: list[Tensor] = []
     device = mask_probs.device
-    for i, (pasted, (y0, y1, x0, x1)) in enumerate(iter_paste_masks_in_boxes(values, scaled, (h, w))):
-        if y1 <= y0 or x1 <= x0:
-            continue
-        rows = torch.arange(y0, y1, device=device)[:, None] * w
-        cols = torch.arange(x0, x1, device=device)[None, :]
-        targets.append((channel[i] * h * w + rows + cols).reshape(-1))
-        pieces.append(pasted.reshape(-1))
+    channel = image_index.to(device=device, dtype=torch.long) * num_things + labels.to(device=device, dtype=torch.long)
+    for index, pasted, win in iter_paste_masks_batched(values, scaled, (h, w)):
+        _, hg, wg = pasted.shape
+        rows = torch.arange(hg, device=device).view(1, hg, 1)
+        cols = torch.arange(wg, device=device).view(1, 1, wg)
+        y0, y1, x0, x1 = (win[:, i].view(-1, 1, 1) for i in range(4))
+        inside = (rows < y1 - y0) & (cols < x1 - x0)
+        target = channel[index].view(-1, 1, 1) * (h * w) + (y0 + rows) * w + (x0 + cols)
+        pieces.append(pasted[inside])
+        targets.append(target[inside])
     if not pieces:
         return (out + mask_probs.sum() * 0.0).view(batch_size, num_things, h, w)
     # include_self=False: a pixel that some RoI reaches takes the RoIs' maximum alone, so the
