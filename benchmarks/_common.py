@@ -39,3 +39,14 @@ def median_ms(fn: Callable[[], object], runs: int, warmup: int) -> tuple[float, 
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times), times
+
+
+def median_seconds(fn: Callable[[], object], runs: int) -> float:
+    """Median wall seconds of `runs` calls of `fn` after one warm-up call."""
+    fn()  # warm-up: allocator, lazy inits
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

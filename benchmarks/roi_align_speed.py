@@ -20,13 +20,11 @@ Run: ``python benchmarks/roi_align_speed.py [--runs 5] [--threads 2]``
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torchvision
-from _common import random_boxes
+from _common import median_seconds, random_boxes
 from torch import Tensor
 
 from unipan.modeling.layers.roi_align import roi_align
@@ -37,16 +35,6 @@ CASES = [
     ("box-head-like", (8, 64, 32, 32), (256, 256), 512, 7, 1),
     ("COCO-like P2", (2, 256, 200, 304), (800, 1216), 512, 14, 2),
 ]
-
-
-def median_seconds(fn: Callable[[], object], runs: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def time_impl(

@@ -13,12 +13,9 @@ Run: ``python benchmarks/roi_upsample_speed.py [--runs 5] [--threads 2] [--rois 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
-from _common import random_boxes
+from _common import median_seconds, random_boxes
 from torchvision.ops import MultiScaleRoIAlign
 
 from unipan.modeling.heads.aunet_attention import mask_guide
@@ -26,16 +23,6 @@ from unipan.modeling.layers.roi_upsample import fpn_levels, multiscale_roi_upsam
 
 IMAGE_SIZE = (800, 1216)
 LEVELS = ("p2", "p3", "p4", "p5")
-
-
-def median_seconds(fn: Callable[[], object], runs: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
