@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import math
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 
 import torch
@@ -30,3 +33,54 @@ def stuff_only(batch: Batch, meta: DatasetMeta, index: int) -> Batch:
     targets = list(batch.targets)
     targets[index] = empty
     return replace(batch, targets=targets)
+
+
+def roi_align_points(
+    roi: Sequence[float], size: tuple[int, int], bins: tuple[int, int], scale: float, ratio: int, aligned: bool
+) -> Iterator[tuple[int, int, list[tuple[int, int, float]], int]]:
+    """RoIAlign's sampling points of one RoI, written with Python loops from torchvision's CPU kernel.
+
+    The naive reference that RoIAlign's and RoIUpsample's tests build on.
+
+    Args:
+        roi: (batch index, x1, y1, x2, y2) in input pixels.
+        size: (H, W) of the feature map.
+        bins: (PH, PW) output bins.
+        scale: map pixels per input pixel.
+        ratio: sampling points per bin axis; <= 0 is adaptive (ceil(RoI extent / bins)).
+        aligned: the half-pixel offset of RoIAlignV2 (else RoI extents are clamped to >= 1).
+
+    Yields:
+        For every point inside the map (within one pixel of it): its bin (row, column), its four
+        bilinear corners (y, x, weight) and the number of points of its bin.
+    """
+    h, w = size
+    ph, pw = bins
+    off = 0.5 if aligned else 0.0
+    _, x1, y1, x2, y2 = (float(v) for v in roi)
+    sx, sy = x1 * scale - off, y1 * scale - off
+    rw, rh = x2 * scale - off - sx, y2 * scale - off - sy
+    if not aligned:
+        rw, rh = max(rw, 1.0), max(rh, 1.0)
+    gh = ratio if ratio > 0 else math.ceil(rh / ph)
+    gw = ratio if ratio > 0 else math.ceil(rw / pw)
+    for p, q, iy, ix in itertools.product(range(ph), range(pw), range(max(gh, 0)), range(max(gw, 0))):
+        yy = sy + p * (rh / ph) + (iy + 0.5) * (rh / ph) / gh
+        xx = sx + q * (rw / pw) + (ix + 0.5) * (rw / pw) / gw
+        if yy < -1 or yy > h or xx < -1 or xx > w:
+            continue
+        yy, xx = max(yy, 0.0), max(xx, 0.0)
+        yl, xl = int(yy), int(xx)
+        if yl >= h - 1:
+            yl = yh = h - 1
+            yy = float(yl)
+        else:
+            yh = yl + 1
+        if xl >= w - 1:
+            xl = xh = w - 1
+            xx = float(xl)
+        else:
+            xh = xl + 1
+        ly, lx = yy - yl, xx - xl
+        corners = [(yl, xl, (1 - ly) * (1 - lx)), (yl, xh, (1 - ly) * lx), (yh, xl, ly * (1 - lx)), (yh, xh, ly * lx)]
+        yield p, q, corners, gh * gw

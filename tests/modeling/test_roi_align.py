@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import itertools
-import math
 from collections import OrderedDict
 
 import pytest
 import torch
 import torchvision
+from helpers import roi_align_points
 from torch import Tensor
 from torchvision.ops import roi_align as tv_roi_align
 
@@ -249,45 +249,15 @@ def test_chunked_backward_equals_one_chunk(monkeypatch: pytest.MonkeyPatch) -> N
 def naive_weights(
     rois: Tensor, size: tuple[int, int, int], out: tuple[int, int], scale: float, ratio: int, aligned: bool
 ) -> Tensor:
-    """W as a dense matrix, written from the rule of torchvision's CPU kernel with Python loops."""
+    """W as a dense matrix, from the naive loop over RoIAlign's sampling points."""
     b, h, w = size
     ph, pw = out
     dense = torch.zeros(b * h * w, rois.shape[0] * ph * pw, dtype=torch.float64)
-    off = 0.5 if aligned else 0.0
     for r in range(rois.shape[0]):
-        n, x1, y1, x2, y2 = (float(v) for v in rois[r])
-        sx, sy = x1 * scale - off, y1 * scale - off
-        rw, rh = x2 * scale - off - sx, y2 * scale - off - sy
-        if not aligned:
-            rw, rh = max(rw, 1.0), max(rh, 1.0)
-        gh = ratio if ratio > 0 else math.ceil(rh / ph)
-        gw = ratio if ratio > 0 else math.ceil(rw / pw)
-        for p, q, iy, ix in itertools.product(range(ph), range(pw), range(max(gh, 0)), range(max(gw, 0))):
-            yy = sy + p * (rh / ph) + (iy + 0.5) * (rh / ph) / gh
-            xx = sx + q * (rw / pw) + (ix + 0.5) * (rw / pw) / gw
-            if yy < -1 or yy > h or xx < -1 or xx > w:
-                continue
-            yy, xx = max(yy, 0.0), max(xx, 0.0)
-            yl, xl = int(yy), int(xx)
-            if yl >= h - 1:
-                yl = yh = h - 1
-                yy = float(yl)
-            else:
-                yh = yl + 1
-            if xl >= w - 1:
-                xl = xh = w - 1
-                xx = float(xl)
-            else:
-                xh = xl + 1
-            ly, lx = yy - yl, xx - xl
-            col = (r * ph + p) * pw + q
-            for yi, xi, wgt in (
-                (yl, xl, (1 - ly) * (1 - lx)),
-                (yl, xh, (1 - ly) * lx),
-                (yh, xl, ly * (1 - lx)),
-                (yh, xh, ly * lx),
-            ):
-                dense[(int(n) * h + yi) * w + xi, col] += wgt / (gh * gw)
+        n = int(rois[r, 0])
+        for p, q, corners, count in roi_align_points(rois[r].tolist(), (h, w), out, scale, ratio, aligned):
+            for yi, xi, wgt in corners:
+                dense[(n * h + yi) * w + xi, (r * ph + p) * pw + q] += wgt / count
     return dense
 
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import itertools
-import math
 
 import numpy as np
 import pytest
 import torch
+from helpers import roi_align_points
 from torch import Tensor
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.poolers import LevelMapper
@@ -29,42 +29,14 @@ def naive_roi_upsample(
     k, c, mh, mw = y.shape
     values = y.double().numpy()
     out = np.zeros((b, c, h, w))
-    off = 0.5 if aligned else 0.0
     for r in range(k):
-        n, x0, y0, x1, y1 = (float(v) for v in rois[r])
-        sx, sy = x0 * scale - off, y0 * scale - off
-        rw, rh = x1 * scale - off - sx, y1 * scale - off - sy
-        if not aligned:
-            rw, rh = max(rw, 1.0), max(rh, 1.0)
-        bw, bh = rw / mw, rh / mh
-        gh = ratio if ratio > 0 else math.ceil(rh / mh)
-        gw = ratio if ratio > 0 else math.ceil(rw / mw)
-        cnt = max(gh * gw, 1)
-        for p, q, iy, ix in itertools.product(range(mh), range(mw), range(gh), range(gw)):
-            yy = sy + p * bh + (iy + 0.5) * bh / gh
-            xx = sx + q * bw + (ix + 0.5) * bw / gw
-            if yy < -1 or yy > h or xx < -1 or xx > w:
-                continue
-            yy, xx = max(yy, 0.0), max(xx, 0.0)
-            yl, xl = int(yy), int(xx)
-            if yl >= h - 1:
-                yl = yh = h - 1
-                yy = float(yl)
-            else:
-                yh = yl + 1
-            if xl >= w - 1:
-                xl = xh = w - 1
-                xx = float(xl)
-            else:
-                xh = xl + 1
-            ly, lx = yy - yl, xx - xl
-            hy, hx = 1 - ly, 1 - lx
-            norm = (ly * ly + hy * hy) * (lx * lx + hx * hx) if normalize else 1.0
-            v = values[r, :, p, q] / cnt / norm
-            out[int(n), :, yl, xl] += v * hy * hx
-            out[int(n), :, yl, xh] += v * hy * lx
-            out[int(n), :, yh, xl] += v * ly * hx
-            out[int(n), :, yh, xh] += v * ly * lx
+        n = int(rois[r, 0])
+        for p, q, corners, count in roi_align_points(rois[r].tolist(), (h, w), (mh, mw), scale, ratio, aligned):
+            # Eq. 6: the sum of the squared bilinear weights, (ly^2 + hy^2)(lx^2 + hx^2)
+            norm = sum(wgt * wgt for _, _, wgt in corners) if normalize else 1.0
+            v = values[r, :, p, q] / count / norm
+            for yi, xi, wgt in corners:
+                out[n, :, yi, xi] += v * wgt
     return torch.from_numpy(out)
 
 
