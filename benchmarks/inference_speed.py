@@ -171,8 +171,8 @@ def share_weights(model: nn.Module, base: nn.Module) -> int:
     modules, not two random draws that happen to keep different detections. Returns how many
     tensors were copied.
     """
-    theirs = base.state_dict()
-    shared = {k: v for k, v in theirs.items() if k in model.state_dict() and model.state_dict()[k].shape == v.shape}
+    mine = model.state_dict()
+    shared = {k: v for k, v in base.state_dict().items() if k in mine and mine[k].shape == v.shape}
     model.load_state_dict(shared, strict=False)
     return len(shared)
 

@@ -194,6 +194,32 @@ def paste_masks_in_boxes(
     return list(iter_paste_masks_in_boxes(masks, boxes, image_size, mode=mode, outside=outside))
 
 
+def _aligned_weights(
+    masks: Tensor, boxes: Tensor, image_size: tuple[int, int], outside: Outside
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The aligned paste's geometry for all boxes: windows and the bilinear weights of both axes.
+
+    The geometry is a few small vectors, computed on the CPU in float64; the weights go where
+    the masks are, in their dtype.
+
+    Returns:
+        (windows LongTensor[N, 4] with empty ones zeroed, wy, off_y, wx, off_x as
+        `_bilinear_weights` gives them).
+    """
+    _, grid_h, grid_w = masks.shape
+    boxes64 = boxes.detach().to(device="cpu", dtype=torch.float64)
+    win = box_windows(boxes64, image_size, "aligned", outside)
+    empty = (win[:, 1] <= win[:, 0]) | (win[:, 3] <= win[:, 2])
+    win[empty] = 0  # an empty window contributes no weight rows on either axis
+    wy, off_y = _bilinear_weights(
+        win[:, 0], win[:, 1], boxes64[:, 1], boxes64[:, 3], grid_h, outside, masks.dtype, masks.device
+    )
+    wx, off_x = _bilinear_weights(
+        win[:, 2], win[:, 3], boxes64[:, 0], boxes64[:, 2], grid_w, outside, masks.dtype, masks.device
+    )
+    return win, wy, off_y, wx, off_x
+
+
 def iter_paste_masks_in_boxes(
     masks: Tensor,
     boxes: Tensor,
@@ -214,20 +240,10 @@ def iter_paste_masks_in_boxes(
         return
     if mode != "aligned":
         raise ValueError(f"mode must be 'aligned' or 'torchvision', got {mode!r}")
-    n, grid_h, grid_w = masks.shape
+    n = masks.shape[0]
     if n == 0:
         return
-    # the geometry is a few small vectors: compute it on the CPU, the products where the masks are
-    boxes64 = boxes.detach().to(device="cpu", dtype=torch.float64)
-    win = box_windows(boxes64, image_size, "aligned", outside)
-    empty = (win[:, 1] <= win[:, 0]) | (win[:, 3] <= win[:, 2])
-    win[empty] = 0  # an empty window contributes no weight rows on either axis
-    wy, off_y = _bilinear_weights(
-        win[:, 0], win[:, 1], boxes64[:, 1], boxes64[:, 3], grid_h, outside, masks.dtype, masks.device
-    )
-    wx, off_x = _bilinear_weights(
-        win[:, 2], win[:, 3], boxes64[:, 0], boxes64[:, 2], grid_w, outside, masks.dtype, masks.device
-    )
+    win, wy, off_y, wx, off_x = _aligned_weights(masks, boxes, image_size, outside)
     win_list = win.tolist()
     oy, ox = off_y.tolist(), off_x.tolist()
     for i in range(n):
@@ -262,20 +278,11 @@ def iter_paste_masks_batched(
     """
     _check_masks(masks)
     boxes = _as_boxes(boxes, masks.shape[0])
-    n, grid_h, grid_w = masks.shape
-    if n == 0:
+    if masks.shape[0] == 0:
         return
-    boxes64 = boxes.detach().to(device="cpu", dtype=torch.float64)
-    win = box_windows(boxes64, image_size, "aligned", outside)
+    win, wy, off_y, wx, off_x = _aligned_weights(masks, boxes, image_size, outside)
     heights, widths = win[:, 1] - win[:, 0], win[:, 3] - win[:, 2]
     nonempty = (heights > 0) & (widths > 0)
-    win[~nonempty] = 0
-    wy, off_y = _bilinear_weights(
-        win[:, 0], win[:, 1], boxes64[:, 1], boxes64[:, 3], grid_h, outside, masks.dtype, masks.device
-    )
-    wx, off_x = _bilinear_weights(
-        win[:, 2], win[:, 3], boxes64[:, 0], boxes64[:, 2], grid_w, outside, masks.dtype, masks.device
-    )
     side = torch.maximum(heights, widths).clamp(min=1)
     bucket = torch.ceil(torch.log2(side.to(torch.float64))).long()
     for b in torch.unique(bucket[nonempty]).tolist():
