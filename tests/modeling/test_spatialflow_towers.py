@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -52,6 +54,51 @@ def test_towers_and_flows_off_equal_torchvision_retinanet_head() -> None:
     for got, p in zip([*out.stuff_features, *out.mask_features], feats[:3] * 2, strict=True):
         assert got is p
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+
+
+def test_gn_towers_equal_torchvision_retinanet_v2_head() -> None:
+    # torchvision's RetinaNet v2 head: [conv (no bias), GroupNorm(32), ReLU] x 4 per tower
+    c = 32
+    g = torch.Generator().manual_seed(4)
+    feats = [torch.randn(2, c, s, s + 2, generator=g) for s in (16, 8, 4, 2, 1)]
+    torch.manual_seed(5)
+    ours = SpatialFlowTowers(
+        channels=c,
+        num_anchors=A,
+        num_things=T,
+        stuff_convs=0,
+        mask_convs=0,
+        norm="GN",
+        init_std=0.1,
+        **dict.fromkeys(FLOWS, False),
+    )
+    theirs = RetinaNetHead(c, A, T, norm_layer=partial(nn.GroupNorm, 32))
+    with torch.no_grad():
+        for blocks, convs, norms in (
+            (theirs.classification_head.conv, ours.cls_convs, ours.cls_norms),
+            (theirs.regression_head.conv, ours.reg_convs, ours.reg_norms),
+        ):
+            for block, conv, norm in zip(blocks, convs, norms, strict=True):
+                assert block[0].bias is None
+                conv.weight.copy_(block[0].weight)
+                conv.bias.zero_()
+                block[1].weight.uniform_(0.5, 1.5, generator=g)
+                block[1].bias.uniform_(-0.5, 0.5, generator=g)
+                norm.load_state_dict(block[1].state_dict())
+        for src, dst in (
+            (theirs.classification_head.cls_logits, ours.cls_logits),
+            (theirs.regression_head.bbox_reg, ours.bbox_reg),
+        ):
+            dst.weight.copy_(src.weight)
+            dst.bias.copy_(src.bias)
+        ref = theirs(feats)
+        out = ours(feats)
+    torch.testing.assert_close(torch.cat([flatten_level(x, T) for x in out.cls_logits], 1), ref["cls_logits"])
+    torch.testing.assert_close(torch.cat([flatten_level(x, 4) for x in out.box_deltas], 1), ref["bbox_regression"])
+    with pytest.raises(ValueError, match="spatialflow.tower_norm must be '' or 'GN', got 'BN'"):
+        SpatialFlowTowers(channels=c, num_anchors=A, num_things=T, norm="BN")
+    with pytest.raises(ValueError, match="GN needs channels divisible by 32, got 16"):
+        SpatialFlowTowers(channels=C, num_anchors=A, num_things=T, norm="GN")
 
 
 def _flow_modules(t: SpatialFlowTowers, flow: str) -> list[nn.Module]:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import sigmoid_focal_loss
 
-from unipan.modeling.heads.spinet_heads import IGNORE_LOCATION, ContourHead, location_targets
+from unipan.modeling.heads.spinet_heads import IGNORE_LOCATION, ContourHead, instance_levels, location_targets
 from unipan.modeling.layers.losses import (
     bootstrapped_cross_entropy,
     contour_loss,
@@ -198,3 +198,26 @@ def test_location_targets_overlap_tiny_instance_and_crowd() -> None:
     # cells beyond the image (a padded feature map) are ignored
     (big,) = location_targets(make_target(masks, [0, 1, 2], crowd), [(5, 6)], [8])
     assert bool((big[4:] == IGNORE_LOCATION).all()) and bool((big[:, 4:] == IGNORE_LOCATION).all())
+
+
+def test_location_targets_scale_ranges() -> None:
+    masks = torch.zeros(3, 64, 64, dtype=torch.bool)
+    masks[0, :40, :40] = True  # scale 40: the coarse level only
+    masks[1, 4:12, 4:12] = True  # scale 8, on top of the large one: the fine level only
+    masks[2, 50, 60] = True  # scale 1, off every fine cell centre: falls back to its finest level
+    target = make_target(masks, [0, 1, 2])
+    ranges = [(1.0, 16.0), (12.0, 128.0)]
+    assert instance_levels(masks, ranges, 2).tolist() == [[False, True], [True, False], [True, False]]
+    fine, coarse = location_targets(target, [(8, 8), (4, 4)], [8, 16], ranges)
+    # fine level (centres 4, 12, ..., 60): the small instance, never the large one
+    assert set(fine.unique().tolist()) == {-1, 1, 2}
+    assert fine[0, 0] == 1 and fine[1, 1] == -1 and int((fine == 2).sum()) == 1 and fine[6, 7] == 2
+    # coarse level (centres 8, 24, 40, 56): the large instance, also where the small one lies on it
+    assert coarse[0, 0] == 0 and coarse[1, 1] == 0 and coarse[2, 2] == -1
+    assert set(coarse.unique().tolist()) == {-1, 0}
+    # without ranges both levels hold every instance that covers a centre
+    fine_all, coarse_all = location_targets(target, [(8, 8), (4, 4)], [8, 16])
+    assert fine_all[1, 1] == 0 and coarse_all[0, 0] == 1
+    # scales outside every range go to the nearest end
+    outside = instance_levels(masks, [(10.0, 20.0), (20.0, 30.0)], 2)
+    assert outside.tolist() == [[False, True], [True, False], [True, False]]

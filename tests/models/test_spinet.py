@@ -301,3 +301,7 @@ def test_bad_switches_are_named() -> None:
         tiny_spinet(meta, "model.spinet.dedup=mask")
     with pytest.raises(ValueError, match=r"filter sampling module inputs \['p9'\]"):
         tiny_spinet(meta, "model.spinet.fsm_levels=[p9]")
+    with pytest.raises(ValueError, match=r"model.spinet.scale_ranges must be one \[lo, hi\] per FSM level"):
+        tiny_spinet(meta, "model.spinet.scale_ranges=[[1,64],[32,128]]")
+    with pytest.raises(ValueError, match="ascending without gaps"):
+        tiny_spinet(meta, "model.spinet.scale_ranges=[[1,32],[40,128],[64,256],[128,512]]")

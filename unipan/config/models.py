@@ -142,6 +142,9 @@ class SpatialFlowHeadsConfig:
     # std of the normal init of every tower and flow conv (RetinaNet and the released head: 0.01, for
     # 256 channels); biases 0. The predictors keep N(0, 0.01), the classifier's bias from prior_prob
     head_init_std: float = 0.01
+    # normalisation after every tower conv: "" (the paper and the released head) | "GN" (GroupNorm(32)
+    # before each ReLU, as torchvision's RetinaNet v2 head and mmdetection's norm_cfg GN)
+    tower_norm: str = ""
     # detections, in training (the mask RoIs) and at inference: anchors kept per level by their best
     # class score, minimum score, class-wise NMS IoU (the paper's 0.4), detections kept per image
     nms_pre: int = 1000
@@ -198,6 +201,11 @@ class SPINetHeadsConfig:
     # generator (P.F.G); they must be outputs of model.backbone.fpn_levels
     fsm_levels: list[str] = field(default_factory=lambda: ["p2", "p3", "p4", "p5"])
     pfg_levels: list[str] = field(default_factory=lambda: ["p2", "p3", "p4", "p5"])
+    # per FSM level [lo, hi]: the instance scales (sqrt of the mask's box area, input pixels) that
+    # level's locations are positive for (Panoptic FCN's and FCOS's size of interest, e.g. [[1, 64],
+    # [32, 128], [64, 256], [128, 512]]); empty = every level (the paper's "points that belong to
+    # the instance mask")
+    scale_ranges: list[list[float]] = field(default_factory=list)
     # convs of each FSM tower (class and filter head: 4, each with GN)
     fsm_num_convs: int = 4
     # width of the PFG towers (256)

@@ -87,6 +87,9 @@ class SpatialFlowTowers(nn.Module):
         flow_reg_mask: the reg-mask flow phi_mask (needs the mask tower).
         flow_stuff_mask: the stuff-mask flow psi (needs both towers).
         dcn_cls, dcn_stuff, dcn_mask: those towers' convs as DCNv2 with the flow conv as offset conv.
+        norm: "" (the paper and the released head: no normalisation) or "GN": GroupNorm(32) after
+            every tower conv, before its ReLU (torchvision's RetinaNet v2 head, mmdetection's
+            `norm_cfg=dict(type="GN")`); the flow convs and the predictors stay plain.
         prior_prob: initial foreground probability of the classifier (0.01).
         init_std: std of the normal init of the tower and flow convs (RetinaNet: 0.01; the predictors
             keep 0.01, so that the classifier starts at `prior_prob`).
@@ -111,6 +114,7 @@ class SpatialFlowTowers(nn.Module):
         dcn_cls: bool = False,
         dcn_stuff: bool = False,
         dcn_mask: bool = False,
+        norm: str = "",
         prior_prob: float = 0.01,
         init_std: float = 0.01,
     ) -> None:
@@ -124,6 +128,10 @@ class SpatialFlowTowers(nn.Module):
             )
         if init_std <= 0:
             raise ValueError(f"spatialflow.head_init_std must be positive, got {init_std}")
+        if norm not in ("", "GN"):
+            raise ValueError(f"spatialflow.tower_norm must be '' or 'GN', got {norm!r}")
+        if norm and channels % 32:
+            raise ValueError(f"spatialflow.tower_norm GN needs channels divisible by 32, got {channels}")
         if not 0.0 < prior_prob < 1.0:
             raise ValueError(f"prior_prob must lie in (0, 1), got {prior_prob}")
         self.channels = channels
@@ -142,6 +150,12 @@ class SpatialFlowTowers(nn.Module):
         self.cls_convs = nn.ModuleList(_conv3x3(channels, init_std, deformable=dcn_cls) for _ in range(n))
         self.stuff_convs = nn.ModuleList(_conv3x3(channels, init_std, deformable=dcn_stuff) for _ in range(stuff_convs))
         self.mask_convs = nn.ModuleList(_conv3x3(channels, init_std, deformable=dcn_mask) for _ in range(mask_convs))
+
+        def norms(count: int) -> nn.ModuleList:
+            return nn.ModuleList(nn.GroupNorm(32, channels) if norm else nn.Identity() for _ in range(count))
+
+        self.reg_norms, self.cls_norms = norms(n), norms(n)
+        self.stuff_norms, self.mask_norms = norms(stuff_convs), norms(mask_convs)
         # A DCN tower needs its offset conv whether or not the flow feeds it.
         cls_flow_out = _OFFSET_CHANNELS if dcn_cls else channels
         stuff_flow_out = _OFFSET_CHANNELS if dcn_stuff else channels
@@ -187,28 +201,43 @@ class SpatialFlowTowers(nn.Module):
         return out
 
     def _step(
-        self, x: Tensor, reg: Tensor, conv: nn.Module, flow: nn.Module | None, use_flow: bool, dcn: bool
+        self,
+        x: Tensor,
+        reg: Tensor,
+        conv: nn.Module,
+        norm: nn.Module,
+        flow: nn.Module | None,
+        use_flow: bool,
+        dcn: bool,
     ) -> Tensor:
-        """One layer of a tower that receives the reg flow: ReLU(conv(x + phi(reg))) or its DCN form."""
+        """One layer of a tower that receives the reg flow: ReLU(norm(conv(x + phi(reg)))) or its DCN form."""
         if dcn:
             assert flow is not None
             offset, mask = split_offset_mask(flow(x + reg if use_flow else x))
-            return F.relu(conv(x, offset, mask))
+            return F.relu(norm(conv(x, offset, mask)))
         if use_flow:
             assert flow is not None
             x = x + flow(reg)
-        return F.relu(conv(x))
+        return F.relu(norm(conv(x)))
 
     def _level(self, p: Tensor, with_segmentation: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         reg = cls = stuff = p
         with_stuff = with_segmentation and len(self.stuff_convs) > 0
         for j in range(self.depth):
-            reg = F.relu(self.reg_convs[j](reg))
+            reg = F.relu(self.reg_norms[j](self.reg_convs[j](reg)))
             cls_flow = self.cls_flows[j] if len(self.cls_flows) else None
-            cls = self._step(cls, reg, self.cls_convs[j], cls_flow, self.flow_reg_cls, self.dcn_cls)
+            cls = self._step(cls, reg, self.cls_convs[j], self.cls_norms[j], cls_flow, self.flow_reg_cls, self.dcn_cls)
             if with_stuff:
                 stuff_flow = self.stuff_flows[j] if len(self.stuff_flows) else None
-                stuff = self._step(stuff, reg, self.stuff_convs[j], stuff_flow, self.flow_reg_stuff, self.dcn_stuff)
+                stuff = self._step(
+                    stuff,
+                    reg,
+                    self.stuff_convs[j],
+                    self.stuff_norms[j],
+                    stuff_flow,
+                    self.flow_reg_stuff,
+                    self.dcn_stuff,
+                )
         if not with_segmentation:
             return self.cls_logits(cls), self.bbox_reg(reg), None, None
         mask = p
@@ -217,12 +246,12 @@ class SpatialFlowTowers(nn.Module):
             if self.dcn_mask:
                 assert self.mask_flow is not None
                 offset, modulation = split_offset_mask(self.mask_flow(p + reg if self.flow_reg_mask else p))
-                mask = F.relu(self.mask_convs[0](x, offset, modulation))
+                mask = F.relu(self.mask_norms[0](self.mask_convs[0](x, offset, modulation)))
             else:
                 if self.flow_reg_mask:
                     assert self.mask_flow is not None
                     x = x + self.mask_flow(reg)
-                mask = F.relu(self.mask_convs[0](x))
+                mask = F.relu(self.mask_norms[0](self.mask_convs[0](x)))
         return self.cls_logits(cls), self.bbox_reg(reg), stuff, mask
 
 

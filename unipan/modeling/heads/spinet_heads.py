@@ -32,6 +32,7 @@ __all__ = [
     "FilterSamplingModule",
     "PanopticFeatureGenerator",
     "TripletHead",
+    "instance_levels",
     "location_targets",
 ]
 
@@ -308,19 +309,52 @@ class TripletHead(nn.Module):
         return self.fc(pooled)
 
 
-def location_targets(target: PanopticTarget, shapes: Sequence[tuple[int, int]], strides: Sequence[int]) -> list[Tensor]:
+def instance_levels(masks: Tensor, scale_ranges: Sequence[tuple[float, float]] | None, num_levels: int) -> Tensor:
+    """Which FSM levels each instance may be positive on: BoolTensor[N, L].
+
+    Without ranges (the paper) every level. With ranges (Panoptic FCN's and FCOS's size of interest)
+    level l takes the instances whose scale, sqrt(w * h) of the mask's tight box in input pixels,
+    lies in [lo_l, hi_l]; ranges may overlap, and a scale below the first range or above the last
+    goes to the first or last level.
+    """
+    n = masks.shape[0]
+    if scale_ranges is None:
+        return torch.ones(n, num_levels, dtype=torch.bool, device=masks.device)
+    if len(scale_ranges) != num_levels:
+        raise ValueError(f"{len(scale_ranges)} scale ranges for {num_levels} FSM levels")
+    rows, cols = masks.any(dim=2), masks.any(dim=1)  # [N, h], [N, w]
+    ar_h = torch.arange(masks.shape[1], device=masks.device)
+    ar_w = torch.arange(masks.shape[2], device=masks.device)
+    height = torch.where(rows, ar_h, -1).amax(1) - torch.where(rows, ar_h, masks.shape[1]).amin(1) + 1
+    width = torch.where(cols, ar_w, -1).amax(1) - torch.where(cols, ar_w, masks.shape[2]).amin(1) + 1
+    scale = (height.clamp(min=0) * width.clamp(min=0)).double().sqrt()
+    lo = torch.tensor([r[0] for r in scale_ranges], dtype=torch.float64, device=masks.device)
+    hi = torch.tensor([r[1] for r in scale_ranges], dtype=torch.float64, device=masks.device)
+    clamped = scale.clamp(min=float(lo[0]), max=float(hi[-1]))
+    return (clamped[:, None] >= lo) & (clamped[:, None] <= hi)
+
+
+def location_targets(
+    target: PanopticTarget,
+    shapes: Sequence[tuple[int, int]],
+    strides: Sequence[int],
+    scale_ranges: Sequence[tuple[float, float]] | None = None,
+) -> list[Tensor]:
     """The instance assigned to each FSM location of one image (SPINet Sec. 5.2).
 
     A location (cell (i, j) of a level of stride s) is positive for an instance when the pixel at
     its centre (i * s + s // 2, j * s + s // 2) lies in the instance's mask; where masks overlap
     the smaller instance wins. Centres on crowd pixels or outside the image are ignored. An
     instance without a positive on any level (thin or tiny) gets the cell of the finest level its
-    mask covers most, unless another instance holds that cell.
+    mask covers most, unless another instance holds that cell. With `scale_ranges` an instance
+    is positive only on the levels of its scale (`instance_levels`); elsewhere its cells are
+    background, and its fallback cell is on the finest of its levels.
 
     Args:
         target: the ground truth (masks BoolTensor[N, h, w], crowd BoolTensor[h, w]).
         shapes: (H_l, W_l) of every level.
         strides: stride of every level.
+        scale_ranges: per level (lo, hi) instance scales in input pixels, or None (every level).
 
     Returns:
         Per level LongTensor[H_l, W_l]: instance index, -1 background, IGNORE_LOCATION ignored.
@@ -329,30 +363,39 @@ def location_targets(target: PanopticTarget, shapes: Sequence[tuple[int, int]], 
     masks = target.masks
     device = masks.device
     n = masks.shape[0]
-    index_map = torch.full((h, w), -1, dtype=torch.long, device=device)
-    if n:
-        areas = masks.flatten(1).sum(dim=1)
-        # larger first, so the smaller instance is painted last and wins an overlap
-        for i in torch.argsort(areas, descending=True, stable=True).tolist():
-            index_map.masked_fill_(masks[i], i)
-    index_map.masked_fill_(target.crowd & (index_map < 0), IGNORE_LOCATION)
+    levels = instance_levels(masks, scale_ranges, len(shapes))
+    order = torch.argsort(masks.flatten(1).sum(dim=1), descending=True, stable=True).tolist() if n else []
+    maps: dict[tuple[bool, ...], Tensor] = {}
+
+    def index_map(eligible: Tensor) -> Tensor:
+        key = tuple(bool(v) for v in eligible)
+        if key not in maps:
+            m = torch.full((h, w), -1, dtype=torch.long, device=device)
+            # larger first, so the smaller instance is painted last and wins an overlap
+            for i in order:
+                if key[i]:
+                    m.masked_fill_(masks[i], i)
+            maps[key] = m.masked_fill_(target.crowd & (m < 0), IGNORE_LOCATION)
+        return maps[key]
+
     out = []
-    for (hl, wl), s in zip(shapes, strides, strict=True):
+    for lvl, ((hl, wl), s) in enumerate(zip(shapes, strides, strict=True)):
         ys = torch.arange(hl, device=device) * s + s // 2
         xs = torch.arange(wl, device=device) * s + s // 2
         level = torch.full((hl, wl), IGNORE_LOCATION, dtype=torch.long, device=device)
         ny, nx = int((ys < h).sum()), int((xs < w).sum())
-        level[:ny, :nx] = index_map[ys[:ny]][:, xs[:nx]]
+        level[:ny, :nx] = index_map(levels[:, lvl])[ys[:ny]][:, xs[:nx]]
         out.append(level)
     if n:
         seen = torch.zeros(n, dtype=torch.bool, device=device)
         for level in out:
             ids = level[level >= 0]
             seen[ids] = True
-        finest = min(range(len(strides)), key=lambda k: strides[k])
-        s = strides[finest]
-        hl, wl = shapes[finest]
+        by_stride = sorted(range(len(strides)), key=lambda k: strides[k])
         for i in torch.nonzero(~seen).flatten().tolist():
+            finest = next(k for k in by_stride if bool(levels[i, k]))
+            s = strides[finest]
+            hl, wl = shapes[finest]
             mask = F.pad(masks[i].float()[None, None], (0, wl * s - w, 0, hl * s - h))
             coverage = F.avg_pool2d(mask, s)[0, 0]
             coverage[out[finest] >= 0] = -1.0  # never take another instance's cell

@@ -324,6 +324,7 @@ def build_spatialflow(cfg: SpatialFlowConfig, meta: DatasetMeta) -> SpatialFlow:
         dcn_cls=sf.dcn_cls,
         dcn_stuff=sf.dcn_stuff,
         dcn_mask=sf.dcn_mask,
+        norm=sf.tower_norm,
         prior_prob=sf.prior_prob,
         init_std=sf.head_init_std,
     )

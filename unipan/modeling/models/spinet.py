@@ -96,6 +96,17 @@ class SPINet(PanopticModel):
                 f"model.spinet.triplet_negatives {settings.triplet_negatives!r} unknown; "
                 f"known: {list(TRIPLET_NEGATIVES)}"
             )
+        ranges = settings.scale_ranges
+        if ranges and (
+            len(ranges) != len(fsm.strides)
+            or any(len(r) != 2 or not 0 <= r[0] < r[1] for r in ranges)
+            or any(ranges[i + 1][0] > ranges[i][1] or ranges[i + 1][0] < ranges[i][0] for i in range(len(ranges) - 1))
+        ):
+            raise ValueError(
+                f"model.spinet.scale_ranges must be one [lo, hi] per FSM level ({len(fsm.strides)}), 0 <= lo < hi, "
+                f"ascending without gaps; got {ranges}"
+            )
+        self.scale_ranges = [(float(lo), float(hi)) for lo, hi in ranges] or None
         if not 0 < settings.bootstrap_ratio <= 1:
             raise ValueError(f"model.spinet.bootstrap_ratio must be in (0, 1], got {settings.bootstrap_ratio}")
         if not 0 < mask_thresh < 1:
@@ -155,7 +166,7 @@ class SPINet(PanopticModel):
 
         # class head: sigmoid focal loss over every location, normalised by the positives
         shapes = [(int(x.shape[-2]), int(x.shape[-1])) for x in cls_logits]
-        assigned = [location_targets(t, shapes, self.fsm.strides) for t in targets]
+        assigned = [location_targets(t, shapes, self.fsm.strides, self.scale_ranges) for t in targets]
         loss_cls, positives = self._class_loss(cls_logits, assigned, targets)
 
         # thing kernels of uniformly sampled positive locations -> dice on their instance's mask
