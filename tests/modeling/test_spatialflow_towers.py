@@ -31,6 +31,12 @@ def outputs(out: TowerOutputs) -> list[Tensor]:
     return [*out.cls_logits, *out.box_deltas, *out.stuff_features, *out.mask_features]
 
 
+def assert_equals_torchvision(out: TowerOutputs, ref: dict[str, Tensor]) -> None:
+    """Our flattened logits and deltas against torchvision's RetinaNetHead output."""
+    torch.testing.assert_close(torch.cat([flatten_level(x, T) for x in out.cls_logits], 1), ref["cls_logits"])
+    torch.testing.assert_close(torch.cat([flatten_level(x, 4) for x in out.box_deltas], 1), ref["bbox_regression"])
+
+
 def test_towers_and_flows_off_equal_torchvision_retinanet_head() -> None:
     feats = pyramid()
     ours = towers(stuff_convs=0, mask_convs=0, **dict.fromkeys(FLOWS, False))
@@ -48,8 +54,7 @@ def test_towers_and_flows_off_equal_torchvision_retinanet_head() -> None:
             dst.bias.copy_(src.bias)
         ref = theirs(feats)
         out = ours(feats)
-    torch.testing.assert_close(torch.cat([flatten_level(x, T) for x in out.cls_logits], 1), ref["cls_logits"])
-    torch.testing.assert_close(torch.cat([flatten_level(x, 4) for x in out.box_deltas], 1), ref["bbox_regression"])
+    assert_equals_torchvision(out, ref)
     # without towers the stuff and mask heads read P3-P5 themselves (the paper's Eq. 1)
     for got, p in zip([*out.stuff_features, *out.mask_features], feats[:3] * 2, strict=True):
         assert got is p
@@ -93,8 +98,7 @@ def test_gn_towers_equal_torchvision_retinanet_v2_head() -> None:
             dst.bias.copy_(src.bias)
         ref = theirs(feats)
         out = ours(feats)
-    torch.testing.assert_close(torch.cat([flatten_level(x, T) for x in out.cls_logits], 1), ref["cls_logits"])
-    torch.testing.assert_close(torch.cat([flatten_level(x, 4) for x in out.box_deltas], 1), ref["bbox_regression"])
+    assert_equals_torchvision(out, ref)
     with pytest.raises(ValueError, match="spatialflow.tower_norm must be '' or 'GN', got 'BN'"):
         SpatialFlowTowers(channels=c, num_anchors=A, num_things=T, norm="BN")
     with pytest.raises(ValueError, match="GN needs channels divisible by 32, got 16"):

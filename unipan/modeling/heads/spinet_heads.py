@@ -24,7 +24,7 @@ from torchvision.models.detection.fcos import FCOSClassificationHead
 
 from unipan.modeling.layers import require_features
 from unipan.modeling.layers.dynamic_conv import coord_features, gather_windows
-from unipan.structures import PanopticTarget
+from unipan.structures import PanopticTarget, masks_to_boxes
 
 __all__ = [
     "IGNORE_LOCATION",
@@ -318,16 +318,12 @@ def instance_levels(masks: Tensor, scale_ranges: Sequence[tuple[float, float]] |
     goes to the first or last level.
     """
     n = masks.shape[0]
-    if scale_ranges is None:
+    if scale_ranges is None or n == 0:
         return torch.ones(n, num_levels, dtype=torch.bool, device=masks.device)
     if len(scale_ranges) != num_levels:
         raise ValueError(f"{len(scale_ranges)} scale ranges for {num_levels} FSM levels")
-    rows, cols = masks.any(dim=2), masks.any(dim=1)  # [N, h], [N, w]
-    ar_h = torch.arange(masks.shape[1], device=masks.device)
-    ar_w = torch.arange(masks.shape[2], device=masks.device)
-    height = torch.where(rows, ar_h, -1).amax(1) - torch.where(rows, ar_h, masks.shape[1]).amin(1) + 1
-    width = torch.where(cols, ar_w, -1).amax(1) - torch.where(cols, ar_w, masks.shape[2]).amin(1) + 1
-    scale = (height.clamp(min=0) * width.clamp(min=0)).double().sqrt()
+    boxes = masks_to_boxes(masks).double()
+    scale = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).sqrt()
     lo = torch.tensor([r[0] for r in scale_ranges], dtype=torch.float64, device=masks.device)
     hi = torch.tensor([r[1] for r in scale_ranges], dtype=torch.float64, device=masks.device)
     clamped = scale.clamp(min=float(lo[0]), max=float(hi[-1]))
