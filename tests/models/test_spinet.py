@@ -305,3 +305,20 @@ def test_bad_switches_are_named() -> None:
         tiny_spinet(meta, "model.spinet.scale_ranges=[[1,64],[32,128]]")
     with pytest.raises(ValueError, match="ascending without gaps"):
         tiny_spinet(meta, "model.spinet.scale_ranges=[[1,32],[40,128],[64,256],[128,512]]")
+
+
+def test_class_and_contour_focal_settings_are_separate() -> None:
+    batch, meta = synth_batch(2, size=(64, 64))
+
+    def losses(*overrides: str) -> dict[str, float]:
+        model = tiny_spinet(meta, *overrides).train()
+        torch.manual_seed(1)  # the same sampled filters in every call
+        return {k: float(v.detach()) for k, v in model(batch).items()}
+
+    base = losses()
+    cls = losses("model.spinet.focal_gamma=1.0", "model.spinet.focal_alpha=0.5")
+    contour = losses("model.spinet.contour_focal_gamma=1.0", "model.spinet.contour_focal_alpha=0.5")
+    assert cls["loss_cls"] != base["loss_cls"] and cls["loss_contour"] == base["loss_contour"]
+    assert contour["loss_contour"] != base["loss_contour"] and contour["loss_cls"] == base["loss_cls"]
+    for name in ("loss_thing_dice", "loss_stuff_ce", "loss_triplet"):
+        assert cls[name] == base[name] == contour[name]

@@ -235,9 +235,13 @@ class SPINetHeadsConfig:
     thing_weight: float = 5.0
     contour_weight: float = 20.0
     triplet_weight: float = 1.0
-    # focal loss of the class head and the contour head
+    # focal loss of the class head (FCOS / CondInst: alpha 0.25, gamma 2)
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
+    # focal loss of the contour head (Eq. 6; same defaults, its own keys so that tuning the class
+    # head does not move L_inter)
+    contour_focal_alpha: float = 0.25
+    contour_focal_gamma: float = 2.0
     # soft contour width in pixels (targets exp(-d^2 / 2 sigma^2) up to 3 sigma)
     contour_sigma: float = 1.0
     # size of the triplet representation V = FC(v)

@@ -229,6 +229,8 @@ RANGES: dict[type, dict[str, Range]] = {
         "triplet_weight": NON_NEGATIVE,
         "focal_alpha": UNIT,
         "focal_gamma": NON_NEGATIVE,
+        "contour_focal_alpha": UNIT,
+        "contour_focal_gamma": NON_NEGATIVE,
         "contour_sigma": POSITIVE,
         "triplet_dim": POSITIVE,
         "score_thresh": UNIT,

@@ -205,7 +205,8 @@ class SPINet(PanopticModel):
                 h, w = t.image_size
                 labels[b, :h, :w] = t.sem_seg_with_crowd(self.meta)
             soft = contour_targets(labels, s.contour_sigma)
-            terms = [contour_loss(self.contour_head(p), soft, labels >= 0, s.focal_alpha, s.focal_gamma) for p in phis]
+            alpha, gamma = s.contour_focal_alpha, s.contour_focal_gamma
+            terms = [contour_loss(self.contour_head(p), soft, labels >= 0, alpha, gamma) for p in phis]
             losses["loss_contour"] = torch.stack(terms).mean() * s.contour_weight
         if self.triplet_head is not None:
             terms = [self._triplet_loss(p, targets, masks4) for p in phis]
