@@ -193,6 +193,37 @@ def test_mask_rois_are_detections_plus_every_gt_box() -> None:
     assert float(loss.detach()) == 0.0 and loss.requires_grad
 
 
+def test_mask_rois_per_image_caps_the_positives_with_a_random_subset() -> None:
+    batch, meta = synth_batch(2, size=(64, 64))
+    assert batch.targets is not None
+
+    def mask_rois(*overrides: str) -> list[torch.Tensor]:
+        model = small_model(meta, "model.spatialflow.score_thresh=0.0", *overrides).train()
+        seen: list[list[torch.Tensor]] = []
+        forward = model.mask_head.forward
+
+        def spy(features, boxes, padded_size):  # type: ignore[no-untyped-def]
+            seen.append([b.detach().clone() for b in boxes])
+            return forward(features, boxes, padded_size)
+
+        model.mask_head.forward = spy  # type: ignore[method-assign]
+        torch.manual_seed(1)
+        model(batch)
+        return seen[0]
+
+    every = mask_rois()
+    capped = mask_rois("model.spatialflow.mask_rois_per_image=2")
+    assert min(b.shape[0] for b in every) > 2
+    for all_boxes, some in zip(every, capped, strict=True):
+        assert some.shape[0] == 2
+        # a subset of the uncapped positives, no RoI twice
+        assert all(bool((all_boxes == box).all(dim=1).any()) for box in some)
+        assert not bool((some[0] == some[1]).all())
+    # a cap above the count keeps every positive
+    for a, b in zip(every, mask_rois("model.spatialflow.mask_rois_per_image=1000"), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_image_without_instances() -> None:
     batch, meta = synth_batch(2, size=(64, 64))
     batch = stuff_only(stuff_only(batch, meta, 0), meta, 1)

@@ -157,6 +157,9 @@ class SpatialFlowHeadsConfig:
     mask_canonical_scale: int = 112
     mask_fg_iou_thresh: float = 0.5
     mask_gt_boxes: bool = True
+    # at most this many positive mask RoIs per image, drawn at random (0: all, the released code's
+    # pseudo sampler; a cap as Mask R-CNN's RoI sampler bounds the mask head's cost on CPU)
+    mask_rois_per_image: int = 0
     # stuff head classes: stuff+things (S stuff + "other", COCO) | all (S + T, the released code's
     # non-"other" mode; thing channels are void at fusion, Cityscapes)
     stuff_space: str = "stuff+things"

@@ -212,6 +212,7 @@ RANGES: dict[type, dict[str, Range]] = {
         "max_detections": POSITIVE,
         "mask_canonical_scale": POSITIVE,
         "mask_fg_iou_thresh": UNIT,
+        "mask_rois_per_image": NON_NEGATIVE,
     },
     SPINetHeadsConfig: {
         "panoptic_channels": POSITIVE,

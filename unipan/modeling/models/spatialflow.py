@@ -71,6 +71,8 @@ class SpatialFlow(PanopticModel):
         stuff_space: the stuff head's class space.
         crowd_as_other: crowd pixels train the stuff head as their thing class (else ignored).
         mask_gt_boxes: add the GT boxes to the training mask RoIs.
+        mask_rois_per_image: train the mask head on at most this many positive RoIs per image,
+            drawn uniformly without replacement (0: every positive, the released code).
         focal_alpha, focal_gamma: the focal loss.
 
     Losses (training): loss_cls, loss_box_reg, loss_mask, loss_stuff (lambda applied). Raw
@@ -95,6 +97,7 @@ class SpatialFlow(PanopticModel):
         stuff_space: SemSpace = "stuff+things",
         crowd_as_other: bool = True,
         mask_gt_boxes: bool = True,
+        mask_rois_per_image: int = 0,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
     ) -> None:
@@ -125,6 +128,7 @@ class SpatialFlow(PanopticModel):
         self.stuff_space: SemSpace = stuff_space
         self.crowd_as_other = bool(crowd_as_other)
         self.mask_gt_boxes = bool(mask_gt_boxes)
+        self.mask_rois_per_image = int(mask_rois_per_image)
         self.focal_alpha = float(focal_alpha)
         self.focal_gamma = float(focal_gamma)
 
@@ -215,7 +219,10 @@ class SpatialFlow(PanopticModel):
         targets: Sequence[PanopticTarget],
         padded_size: tuple[int, int],
     ) -> Tensor:
-        """Mask BCE on every RoI (detections + GT boxes) with IoU >= the mask threshold with a GT box."""
+        """Mask BCE on the RoIs (detections + GT boxes) with IoU >= the mask threshold with a GT box.
+
+        Every such RoI, or a random `mask_rois_per_image` of them per image when that is set.
+        """
         rois, labels, gt_index = [], [], []
         for (boxes, _, _), target in zip(detections, targets, strict=True):
             gt = target.boxes.to(boxes.dtype)
@@ -227,6 +234,8 @@ class SpatialFlow(PanopticModel):
                 continue
             matched = self.mask_matcher(box_iou(gt.float(), candidates.float()))
             pos = torch.nonzero(matched >= 0).flatten()
+            if 0 < self.mask_rois_per_image < pos.numel():
+                pos = pos[torch.randperm(pos.numel(), device=pos.device)[: self.mask_rois_per_image]]
             rois.append(candidates[pos])
             gt_index.append(matched[pos])
             labels.append(target.labels[matched[pos]])
@@ -360,6 +369,7 @@ def build_spatialflow(cfg: SpatialFlowConfig, meta: DatasetMeta) -> SpatialFlow:
         stuff_space=stuff_space,
         crowd_as_other=sf.crowd_as_other,
         mask_gt_boxes=sf.mask_gt_boxes,
+        mask_rois_per_image=sf.mask_rois_per_image,
         focal_alpha=sf.focal_alpha,
         focal_gamma=sf.focal_gamma,
     )
