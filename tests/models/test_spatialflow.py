@@ -30,7 +30,7 @@ from unipan.io import load_json, read_id_png
 from unipan.modeling.layers.modulated_deform_conv import ModulatedDeformConvPack
 from unipan.modeling.models.spatialflow import SpatialFlow
 from unipan.modeling.registry import build_model
-from unipan.structures import IGNORE_LABEL, DatasetMeta, PanopticTarget, RawPrediction, SegmentInfo
+from unipan.structures import IGNORE_LABEL, Batch, DatasetMeta, PanopticTarget, RawPrediction, SegmentInfo
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "unipan" / "configs" / "spatialflow"
@@ -168,11 +168,9 @@ def test_stuff_targets_crowd_as_other_and_padding_ignored() -> None:
     assert bool((no_crowd[0, :60][crowd] == IGNORE_LABEL).all())
 
 
-def test_mask_rois_are_detections_plus_every_gt_box() -> None:
-    batch, meta = synth_batch(2, size=(64, 64))
-    assert batch.targets is not None
-    model = small_model(meta, "model.spatialflow.score_thresh=0.0").train()
-    seen: list[list[torch.Tensor]] = []
+def training_mask_rois(model: SpatialFlow, batch: Batch, seed: int = 1) -> list[Tensor]:
+    """The per-image RoIs the mask head trains on in one training forward of `model`."""
+    seen: list[list[Tensor]] = []
     forward = model.mask_head.forward
 
     def spy(features, boxes, padded_size):  # type: ignore[no-untyped-def]
@@ -180,8 +178,16 @@ def test_mask_rois_are_detections_plus_every_gt_box() -> None:
         return forward(features, boxes, padded_size)
 
     model.mask_head.forward = spy  # type: ignore[method-assign]
-    model(batch)
+    torch.manual_seed(seed)
+    model.train()(batch)
     (rois,) = seen
+    return rois
+
+
+def test_mask_rois_are_detections_plus_every_gt_box() -> None:
+    batch, meta = synth_batch(2, size=(64, 64))
+    assert batch.targets is not None
+    rois = training_mask_rois(small_model(meta, "model.spatialflow.score_thresh=0.0"), batch)
     for boxes, target in zip(rois, batch.targets, strict=True):
         # every GT box is a positive RoI of itself; detections overlapping a GT box join it
         assert boxes.shape[0] > len(target) > 0
@@ -197,19 +203,8 @@ def test_mask_rois_per_image_caps_the_positives_with_a_random_subset() -> None:
     batch, meta = synth_batch(2, size=(64, 64))
     assert batch.targets is not None
 
-    def mask_rois(*overrides: str) -> list[torch.Tensor]:
-        model = small_model(meta, "model.spatialflow.score_thresh=0.0", *overrides).train()
-        seen: list[list[torch.Tensor]] = []
-        forward = model.mask_head.forward
-
-        def spy(features, boxes, padded_size):  # type: ignore[no-untyped-def]
-            seen.append([b.detach().clone() for b in boxes])
-            return forward(features, boxes, padded_size)
-
-        model.mask_head.forward = spy  # type: ignore[method-assign]
-        torch.manual_seed(1)
-        model(batch)
-        return seen[0]
+    def mask_rois(*overrides: str) -> list[Tensor]:
+        return training_mask_rois(small_model(meta, "model.spatialflow.score_thresh=0.0", *overrides), batch)
 
     every = mask_rois()
     capped = mask_rois("model.spatialflow.mask_rois_per_image=2")
