@@ -53,7 +53,7 @@ def test_deformable_conv_init_is_kaiming_fan_in() -> None:
     """Released code: kaiming_normal_ with its defaults (fan_in, gain sqrt 2), bias 0, offsets 0."""
     torch.manual_seed(0)
     block = DeformableConvBlock(64, 16)
-    std = float(block.conv.weight.std())
+    std = float(block.conv.weight.detach().std())
     assert abs(std - (2.0 / (64 * 9)) ** 0.5) < 0.05 * (2.0 / (64 * 9)) ** 0.5, std
     assert not block.conv.bias.detach().any() and not block.offset.weight.detach().any()
 
