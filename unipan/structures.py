@@ -348,6 +348,11 @@ class RawPrediction:
             (M = 28 for Mask R-CNN heads), to be pasted into `boxes`; or None.
         masks: BoolTensor[N, h, w] full-image binary masks; when given, fusion uses them instead
             of pasting `mask_probs` (oracle inputs, models with full-resolution masks).
+        mask_crops: the same full-image binary masks without their zeros: per instance a
+            BoolTensor[y1 - y0, x1 - x0] on its tight box `boxes[i]` (integral, x1/y1 exclusive, as
+            `masks_to_boxes`; an empty mask has a zero box and a 0 x 0 crop). Models whose masks
+            come at full resolution hand these over (SPINet: 100 masks of a 1024 x 2048 image are
+            200 MB as `masks`); `dense_masks()` gives the [N, h, w] stack where one is needed.
         sem_logits: FloatTensor[C, h, w] semantic logits (the model's own class space; see
             `sem_space`).
         sem_space: the class space of `sem_logits` (`SemSpace`): "stuff": C = S; "stuff+things":
@@ -355,9 +360,6 @@ class RawPrediction:
             first, then things, UPSNet/REFINE).
         sem_pred: LongTensor[h, w] argmax of `sem_logits` when the model already computed it
             (on its device, where it is cheap); fusion computes it otherwise.
-        mask_boxes_tight: True when `masks` are given and `boxes` are their tight boxes (x1/y1
-            exclusive, as `masks_to_boxes`): the fusion then crops each mask to its box without a
-            pass over the full-image masks (SPINet, whose boxes come from its masks).
         extras: model-specific outputs (e.g. mask logits for UPSNet's panoptic head).
     """
 
@@ -369,11 +371,21 @@ class RawPrediction:
     masks: Tensor | None = None
     sem_space: SemSpace = "stuff+things"
     sem_pred: Tensor | None = None
-    mask_boxes_tight: bool = False
+    mask_crops: list[Tensor] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.scores.numel())
+
+    def dense_masks(self) -> Tensor | None:
+        """BoolTensor[N, h, w] full-image masks (`masks`, or `mask_crops` placed on their boxes), or None."""
+        if self.masks is not None or self.mask_crops is None:
+            return self.masks
+        h, w = self.sem_logits.shape[-2:]
+        out = torch.zeros((len(self.mask_crops), h, w), dtype=torch.bool, device=self.sem_logits.device)
+        for mask, crop, (x0, y0, x1, y1) in zip(out, self.mask_crops, self.boxes.long().tolist(), strict=True):
+            mask[y0:y1, x0:x1] = crop
+        return out
 
 
 @dataclass

@@ -29,7 +29,7 @@ from unipan.evaluation.coco_ap import (
     gt_instance_records,
 )
 from unipan.modeling.meta_arch import PanopticModel
-from unipan.structures import Batch, DatasetMeta, PanopticResult, RawPrediction, Sample, SegmentInfo
+from unipan.structures import Batch, DatasetMeta, PanopticResult, RawPrediction, Sample, SegmentInfo, masks_to_boxes
 
 
 def meta() -> DatasetMeta:
@@ -293,3 +293,23 @@ def test_perfect_predictions_give_ap_100(upscale: bool, tmp_path: Path) -> None:
     assert result.metrics["PQ"] == pytest.approx(100.0)
     assert result.metrics["mIoU_pan"] == pytest.approx(100.0)
     assert json.loads((tmp_path / "instances_results.json").read_text())
+
+
+@pytest.mark.parametrize("original_size", [(37, 45), (80, 96), (40, 48)])
+def test_mask_crops_give_the_records_of_their_full_masks(original_size: tuple[int, int]) -> None:
+    """`mask_crops` on tight boxes (SPINet) resize to the original size exactly as the full masks."""
+    m = meta()
+    g = torch.Generator().manual_seed(0)
+    full = torch.rand(5, 40, 48, generator=g) > 0.97
+    full[:, 10:20, 5:30] |= torch.rand(5, 10, 25, generator=g) > 0.3
+    full[4] = False  # an empty mask: zero box, 0 x 0 crop
+    boxes = masks_to_boxes(full)
+    crops = [mk[y0:y1, x0:x1] for mk, (x0, y0, x1, y1) in zip(full, boxes.long().tolist(), strict=True)]
+    common = {"boxes": boxes, "scores": torch.rand(5, generator=g), "labels": torch.tensor([0, 1, 0, 1, 0])}
+    sem = torch.zeros(m.num_stuff + 1, 40, 48)
+    dense = detection_records(RawPrediction(**common, sem_logits=sem, masks=full), m, "1", original_size)
+    cropped = detection_records(RawPrediction(**common, sem_logits=sem, mask_crops=crops), m, "1", original_size)
+    assert dense == cropped
+    from pycocotools import mask as mask_util
+
+    assert [int(mask_util.area(d["segmentation"]) > 0) for d in cropped].count(1) == 4

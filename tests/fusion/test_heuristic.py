@@ -490,15 +490,23 @@ def test_windowed_fusion_equals_naive_reference(seed: int) -> None:
     # the same prediction with the argmax handed over
     raw.sem_pred = raw.sem_logits.argmax(0)
     assert torch.equal(heuristic_fusion(raw, META, **kwargs).panoptic, ref_map)
-    # full-image masks instead of RoI probabilities: the windows from the masks themselves, or
-    # from their tight boxes handed over (mask_boxes_tight), give the same result
+    # full-image masks instead of RoI probabilities, or the same masks as crops on their tight
+    # boxes (`mask_crops`), give the same result
     full = paste_masks_in_image(raw.mask_probs, raw.boxes, (h, w)) >= 0.5
     with_masks = dataclasses.replace(raw, masks=full, mask_probs=None)
     expected = heuristic_fusion(with_masks, META, **kwargs)
-    tight = dataclasses.replace(with_masks, boxes=masks_to_boxes(full), mask_boxes_tight=True)
-    got = heuristic_fusion(tight, META, **kwargs)
+    tight = masks_to_boxes(full)
+    crops = [m[y0:y1, x0:x1] for m, (x0, y0, x1, y1) in zip(full, tight.long().tolist(), strict=True)]
+    cropped = dataclasses.replace(with_masks, boxes=tight, masks=None, mask_crops=crops)
+    assert torch.equal(cropped.dense_masks(), full)
+    got = heuristic_fusion(cropped, META, **kwargs)
     assert torch.equal(got.panoptic, expected.panoptic)
     assert [(s.category_id, s.score) for s in got.segments] == [(s.category_id, s.score) for s in expected.segments]
+    # a crop that does not fill its box is named
+    i = next(k for k, c in enumerate(crops) if c.numel())
+    bad = dataclasses.replace(cropped, mask_crops=[*crops[:i], crops[i][:-1], *crops[i + 1 :]])
+    with pytest.raises(ValueError, match=f"mask crop {i} of shape"):
+        heuristic_fusion(bad, META, **kwargs)
 
 
 def test_bad_boxes_are_reported() -> None:

@@ -118,8 +118,9 @@ def run_oracle(
     )
     result = model.fuse(raw, meta, image_id=target.image_id)
     stat = pq_compute_single(target.panoptic, target.segments, result.panoptic, result.segments, meta, target.image_id)
-    assert raw.masks is not None
-    return PQResult.from_stat(stat, meta).pq, raw.masks[:n], units[:n], result
+    masks = raw.dense_masks()
+    assert raw.masks is None and masks is not None  # crops on their boxes, never full-image masks
+    return PQResult.from_stat(stat, meta).pq, masks[:n], units[:n], result
 
 
 def tiny_spinet(meta: DatasetMeta, *extra: str) -> SPINet:
@@ -203,10 +204,13 @@ def test_paste_mask_logits_equals_full_upsampling() -> None:
     logits[0] = -1.0  # an empty mask
     boxes = masks_to_boxes(logits >= 0)
     for size in [(36, 44), (33, 41)]:
-        got, got_boxes = paste_mask_logits(logits, boxes, size, 0.0)
+        crops, got_boxes = paste_mask_logits(logits, boxes, size, 0.0)
         full = F.interpolate(logits[None], scale_factor=4, mode="bilinear", align_corners=False)[0]
-        assert torch.equal(got, full[:, : size[0], : size[1]] >= 0)
-        assert torch.equal(got_boxes, masks_to_boxes(got))
+        want = full[:, : size[0], : size[1]] >= 0
+        assert torch.equal(got_boxes, masks_to_boxes(want))
+        for crop, (x0, y0, x1, y1), mask in zip(crops, got_boxes.long().tolist(), want, strict=True):
+            assert torch.equal(crop, mask[y0:y1, x0:x1])  # the whole mask: its box is tight
+        assert crops[0].shape == (0, 0)
 
 
 # --- switches ------------------------------------------------------------------------------------------
@@ -273,7 +277,9 @@ def test_switches_build_train_and_predict(switch: str) -> None:
     results = model(replace(batch, targets=None))
     assert isinstance(results, list) and len(results) == 2
     raw = results[0].raw
-    assert raw is not None and raw.masks is not None and raw.masks.shape[-2:] == (64, 64)
+    assert raw is not None and raw.mask_crops is not None and len(raw.mask_crops) == len(raw)
+    masks = raw.dense_masks()
+    assert masks is not None and masks.shape == (len(raw), 64, 64)
     channels = meta.num_stuff + int(cfg.model.spinet.stuff_things_channel)
     assert raw.sem_logits.shape == (channels, 64, 64)
     assert raw.sem_space == ("stuff+things" if cfg.model.spinet.stuff_things_channel else "stuff")

@@ -11,8 +11,8 @@ the AP columns of the panoptic papers (AUNet Table 1, REFINE Table 2, SPINet Tab
   itself), the `max_detections` (100) best per image. Boxes are scaled from the network input to
   the original size and clipped; `mask_probs` are pasted into the scaled boxes at the original
   size with `unipan.fusion.paste`'s aligned geometry and binarised at >= 0.5, as detectron2's
-  `detector_postprocess` + `paste_masks_in_image`; full-image `masks` are resized by nearest
-  neighbour.
+  `detector_postprocess` + `paste_masks_in_image`; full-image `masks` (and `mask_crops`, on the
+  window their box maps to) are resized by nearest neighbour.
 - Mask AP ranks objects by mask area into small/medium/large and box AP by box area: the `bbox`
   is removed from the mask results (and the segmentation from the box results) before
   `COCO.loadRes`, which would otherwise take the box area for both, as detectron2 does.
@@ -122,6 +122,14 @@ def _original_masks(
     from unipan.segments import nearest_source_index
 
     big_h, big_w = original_size
+    if raw.mask_crops is not None:
+        h, w = raw.sem_logits.shape[-2:]
+        rows = nearest_source_index(big_h, int(h), raw.boxes.device)
+        cols = nearest_source_index(big_w, int(w), raw.boxes.device)
+        return (
+            _resize_crop(raw.mask_crops[i], box, rows, cols)
+            for i, box in zip(order.tolist(), raw.boxes[order], strict=True)
+        )
     if raw.masks is not None:
         masks = raw.masks[order]
         rows = nearest_source_index(big_h, int(masks.shape[-2]), masks.device)
@@ -132,6 +140,18 @@ def _original_masks(
     pasted = iter_paste_masks_in_boxes(raw.mask_probs[order].float(), boxes, original_size)
     # detectron2 binarises pasted probabilities with ">="
     return ((values >= mask_thresh, window) for values, window in pasted)
+
+
+def _resize_crop(crop: Tensor, box: Tensor, rows: Tensor, cols: Tensor) -> tuple[Tensor, tuple[int, int, int, int]]:
+    """A mask crop on its input-size box -> the same mask at the original size, on its window there.
+
+    `rows` / `cols` are the input row / column each original row / column samples (nondecreasing),
+    so the original pixels that sample the box form one window.
+    """
+    x0, y0, x1, y1 = (int(v) for v in box.tolist())
+    r0, r1 = (int(v) for v in torch.searchsorted(rows, torch.tensor([y0, y1], device=rows.device)))
+    c0, c1 = (int(v) for v in torch.searchsorted(cols, torch.tensor([x0, x1], device=cols.device)))
+    return crop.index_select(0, rows[r0:r1] - y0).index_select(1, cols[c0:c1] - x0), (r0, r1, c0, c1)
 
 
 def detection_records(
@@ -147,7 +167,8 @@ def detection_records(
     Args:
         raw: the network's prediction at its input size (h, w), the size of `raw.sem_logits`:
             boxes FloatTensor[N, 4] xyxy, scores FloatTensor[N], labels LongTensor[N] (thing index),
-            and masks as `raw.masks` (BoolTensor[N, h, w]) or `raw.mask_probs` (FloatTensor[N, M, M]).
+            and masks as `raw.mask_crops`, `raw.masks` (BoolTensor[N, h, w]) or `raw.mask_probs`
+            (FloatTensor[N, M, M]).
         meta: the dataset's classes (thing index -> dataset category id).
         image_id: the image's id.
         original_size: (H, W) of the image file.

@@ -147,6 +147,7 @@ def heuristic_fusion_box_fill(
         scores=torch.arange(k, 0, -1, dtype=torch.float64).to(raw.scores.device, torch.float32),
         mask_probs=None if raw.mask_probs is None else raw.mask_probs[order],
         masks=None if raw.masks is None else raw.masks[order],
+        mask_crops=None if raw.mask_crops is None else [raw.mask_crops[i] for i in order.tolist()],
     )
     fused = heuristic_fusion(ranked, meta, instance_score_thresh=0.5, image_id=image_id, **heuristic)
     true_scores = raw.scores[order].tolist()

@@ -87,7 +87,9 @@ def _validate(raw: RawPrediction, meta: DatasetMeta, image_id: str) -> tuple[int
             raise ValueError(
                 f"{where}: instance labels {lo_label}..{hi_label} outside thing indices 0..{meta.num_things - 1}"
             )
-    if raw.masks is not None:
+    if raw.mask_crops is not None:
+        _validate_crops(raw, (h, w), where)
+    elif raw.masks is not None:
         if tuple(raw.masks.shape) != (n, h, w):
             raise ValueError(f"{where}: masks has shape {tuple(raw.masks.shape)}, expected [{n}, {h}, {w}]")
         if raw.masks.dtype != torch.bool:
@@ -102,21 +104,40 @@ def _validate(raw: RawPrediction, meta: DatasetMeta, image_id: str) -> tuple[int
     return h, w, channels
 
 
+def _validate_crops(raw: RawPrediction, image_size: tuple[int, int], where: str) -> None:
+    """Raise unless `raw.mask_crops` are one BoolTensor per instance, each the size of its box inside the image."""
+    assert raw.mask_crops is not None
+    h, w = image_size
+    if len(raw.mask_crops) != len(raw):
+        raise ValueError(f"{where}: {len(raw.mask_crops)} mask crops for {len(raw)} instances")
+    for i, (crop, (x0, y0, x1, y1)) in enumerate(zip(raw.mask_crops, raw.boxes.tolist(), strict=True)):
+        if crop.dtype != torch.bool:
+            raise ValueError(f"{where}: mask crop {i} must be a BoolTensor, got {crop.dtype}")
+        if not (0 <= x0 <= x1 <= w and 0 <= y0 <= y1 <= h) or tuple(crop.shape) != (y1 - y0, x1 - x0):
+            raise ValueError(
+                f"{where}: mask crop {i} of shape {tuple(crop.shape)} does not fill its box "
+                f"{[x0, y0, x1, y1]} inside the {h}x{w} image"
+            )
+
+
 def _instance_windows(
     raw: RawPrediction, order: Tensor, image_size: tuple[int, int], mask_thresh: float
 ) -> Iterator[tuple[Tensor, int, tuple[int, int, int, int]]]:
     """Binary mask, its pixel count and its window (y0, y1, x0, x1), per instance of `order`.
 
-    The masks are BoolTensor[y1 - y0, x1 - x0]: crops of `raw.masks` to their tight boxes, or
-    `raw.mask_probs` pasted into `raw.boxes` and binarised at `mask_thresh`.
+    The masks are BoolTensor[y1 - y0, x1 - x0]: `raw.mask_crops` on their tight boxes, crops of
+    `raw.masks` to their tight boxes, or `raw.mask_probs` pasted into `raw.boxes` and binarised at
+    `mask_thresh`.
     """
+    if raw.mask_crops is not None:
+        boxes = raw.boxes[order].long().tolist()
+        for i, (x0, y0, x1, y1) in zip(order.tolist(), boxes, strict=True):
+            mask = raw.mask_crops[i]
+            yield mask, int(torch.count_nonzero(mask)), (y0, y1, x0, x1)
+        return
     if raw.masks is not None:
-        # tight boxes of the full-image masks (x1/y1 exclusive) are exactly their windows; given
-        # them, each mask is a view of its window (no copy of the stack, no pass over whole masks)
-        if raw.mask_boxes_tight:
-            boxes = raw.boxes[order].long().tolist()
-        else:
-            boxes = masks_to_boxes(raw.masks[order]).long().tolist()
+        # the tight boxes (x1/y1 exclusive) are the windows: each mask is a view of its window
+        boxes = masks_to_boxes(raw.masks[order]).long().tolist()
         for i, (x0, y0, x1, y1) in zip(order.tolist(), boxes, strict=True):
             mask = raw.masks[i, y0:y1, x0:x1]
             yield mask, int(torch.count_nonzero(mask)), (y0, y1, x0, x1)
@@ -151,7 +172,7 @@ def heuristic_fusion(
 
     Args:
         raw: the network's prediction at input size (h, w). Instance masks come from
-            `raw.masks` (BoolTensor[N, h, w]) when given, else from `raw.mask_probs`
+            `raw.mask_crops` or `raw.masks` (BoolTensor[N, h, w]) when given, else from `raw.mask_probs`
             (FloatTensor[N, M, M]) pasted into `raw.boxes` (detectron2 geometry) and
             binarised at `mask_thresh`. The semantic argmax is `raw.sem_pred` when given, else
             `raw.sem_logits.argmax(0)`; values >= S (the "things" channel, or thing classes in

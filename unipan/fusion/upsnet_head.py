@@ -451,10 +451,11 @@ def _instance_mask_crops(
         if grid.shape[0] != len(raw):
             raise ValueError(f"{where}: extras['mask_logits'] has {grid.shape[0]} masks for {len(raw)} instances")
         return paste_mask_logits(grid[index], boxes, (h, w))
-    if raw.masks is not None:
-        if raw.masks.shape[0] != len(raw) or tuple(raw.masks.shape[-2:]) != (h, w):
-            raise ValueError(f"{where}: masks have shape {tuple(raw.masks.shape)}, expected [{len(raw)}, {h}, {w}]")
-        signed = raw.masks[index].to(raw.sem_logits.dtype) * (2 * binary_mask_logit) - binary_mask_logit
+    masks = raw.dense_masks()
+    if masks is not None:
+        if masks.shape[0] != len(raw) or tuple(masks.shape[-2:]) != (h, w):
+            raise ValueError(f"{where}: masks have shape {tuple(masks.shape)}, expected [{len(raw)}, {h}, {w}]")
+        signed = masks[index].to(raw.sem_logits.dtype) * (2 * binary_mask_logit) - binary_mask_logit
         return crop_full_mask_logits(signed, windows)
     if raw.mask_probs is not None:
         if raw.mask_probs.shape[0] != len(raw):

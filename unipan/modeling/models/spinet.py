@@ -408,17 +408,16 @@ def image_prediction(
         keep = batched_nms(boxes, scores, labels, nms_thresh)[:max_detections]
     else:
         keep = torch.argsort(scores, descending=True, stable=True)[:max_detections]
-    masks, mask_boxes = paste_mask_logits(thing_logits[keep], boxes[keep], (h, w), mask_logit_thresh, scale)
+    crops, mask_boxes = paste_mask_logits(thing_logits[keep], boxes[keep], (h, w), mask_logit_thresh, scale)
     sem_logits = upsample_logits(stuff_logits[None], padded_size)[0, :, :h, :w]
     return RawPrediction(
         boxes=mask_boxes,
         scores=scores[keep],
         labels=labels[keep],
         sem_logits=sem_logits,
-        masks=masks,
+        mask_crops=crops,
         sem_space=sem_space,
         sem_pred=sem_logits.argmax(dim=0),
-        mask_boxes_tight=True,
     )
 
 
@@ -432,14 +431,14 @@ def _masks_at_stride(masks: Tensor, padded_size: tuple[int, int], stride: int) -
 
 def paste_mask_logits(
     logits: Tensor, boxes: Tensor, size: tuple[int, int], thresh: float, scale: int = 4
-) -> tuple[Tensor, Tensor]:
-    """Binary full-image masks of stride-`scale` logits, upsampled bilinearly only near each mask.
+) -> tuple[list[Tensor], Tensor]:
+    """Binary masks of stride-`scale` logits, upsampled bilinearly only near each mask, as crops.
 
     Equal to `interpolate(logits, scale_factor=scale, mode="bilinear") >= thresh` cropped to
     `size`: beyond one cell outside the tight box of the cells at or above `thresh`, every
     interpolated value mixes cells below it; the upsampled window reaches two cells beyond the box,
-    so the values up to one cell beyond it are those of the full map. The tight boxes of the masks
-    come from the windows (no pass over the full-image masks).
+    so the values up to one cell beyond it are those of the full map. Each mask is returned on its
+    tight pixel box (`RawPrediction.mask_crops`): no full-image mask is ever allocated.
 
     Args:
         logits: FloatTensor[N, h4, w4] mask logits at stride `scale`.
@@ -449,14 +448,16 @@ def paste_mask_logits(
         scale: the stride of `logits`.
 
     Returns:
-        masks BoolTensor[N, h, w] and their tight xyxy pixel boxes FloatTensor[N, 4] (x1/y1
-        exclusive; zeros for an empty mask), as `masks_to_boxes`.
+        N BoolTensor[y1 - y0, x1 - x0] crops and their tight xyxy pixel boxes FloatTensor[N, 4]
+        (x1/y1 exclusive; a zero box and a 0 x 0 crop for an empty mask), as `masks_to_boxes`.
     """
-    n, h4, w4 = logits.shape
+    h4, w4 = logits.shape[-2:]
     h, w = size
-    out = torch.zeros((n, h, w), dtype=torch.bool, device=logits.device)
-    tight = torch.zeros((n, 4), dtype=torch.float32)
+    empty = torch.zeros((0, 0), dtype=torch.bool, device=logits.device)
+    crops: list[Tensor] = []
+    tight = torch.zeros((len(logits), 4), dtype=torch.float32)
     for i, (x0, y0, x1, y1) in enumerate(boxes.long().tolist()):
+        crops.append(empty)
         if x1 <= x0 or y1 <= y0:
             continue
         wy0, wy1, wx0, wx1 = max(y0 - 2, 0), min(y1 + 2, h4), max(x0 - 2, 0), min(x1 + 2, w4)
@@ -474,15 +475,13 @@ def paste_mask_logits(
             continue
         oy, ox = (ey0 - wy0) * scale, (ex0 - wx0) * scale
         crop = up[oy : oy + py1 - py0, ox : ox + px1 - px0] >= thresh
-        out[i, py0:py1, px0:px1] = crop
         rows = torch.nonzero(crop.any(dim=1)).flatten()
         cols = torch.nonzero(crop.any(dim=0)).flatten()
         if rows.numel():
-            tight[i] = torch.tensor(
-                [px0 + int(cols[0]), py0 + int(rows[0]), px0 + int(cols[-1]) + 1, py0 + int(rows[-1]) + 1],
-                dtype=torch.float32,
-            )
-    return out, tight.to(logits.device)
+            r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+            crops[i] = crop[r0:r1, c0:c1]
+            tight[i] = torch.tensor([px0 + c0, py0 + r0, px0 + c1, py0 + r1], dtype=torch.float32)
+    return crops, tight.to(logits.device)
 
 
 def build_spinet(cfg: SPINetConfig, meta: DatasetMeta) -> SPINet:
