@@ -159,7 +159,9 @@ class SPINet(PanopticModel):
         assert batch.targets is not None
         s = self.settings
         padded_size = (int(batch.images.shape[-2]), int(batch.images.shape[-1]))
-        padded_sem_seg = batch.padded_sem_seg()
+        # crowd pixels train as their class, as the other models' semantic losses and the contour
+        # targets below (with S + 1 kernels a crowd region is "things"; with S it is ignored anyway)
+        padded_sem_seg = batch.padded_sem_seg(crowd_meta=self.meta)
         check_sem_seg(padded_sem_seg, batch.image_ids, self.meta.num_classes)
         cls_logits, filter_maps, phi, phi_stuff = self._features(batch)
         targets = batch.targets
