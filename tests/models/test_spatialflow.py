@@ -10,7 +10,6 @@ tests/modeling/test_modulated_deform_conv.py and box fill in tests/fusion/test_b
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,13 +23,20 @@ from unipan.config import Config, load_config
 from unipan.data.synthetic import SyntheticPanoptic, SynthOptions
 from unipan.evaluation.pq import PQResult, pq_compute_single
 from unipan.fusion.box_fill import heuristic_fusion_box_fill
-from unipan.fusion.heuristic import heuristic_fusion
 from unipan.fusion.oracle import oracle_raw_prediction
 from unipan.io import load_json, read_id_png
 from unipan.modeling.layers.modulated_deform_conv import ModulatedDeformConvPack
 from unipan.modeling.models.spatialflow import SpatialFlow
 from unipan.modeling.registry import build_model
-from unipan.structures import IGNORE_LABEL, Batch, DatasetMeta, PanopticTarget, RawPrediction, SegmentInfo
+from unipan.structures import (
+    IGNORE_LABEL,
+    Batch,
+    DatasetMeta,
+    PanopticResult,
+    PanopticTarget,
+    RawPrediction,
+    SegmentInfo,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "unipan" / "configs" / "spatialflow"
@@ -245,6 +251,43 @@ def test_eval_detections_respect_the_settings() -> None:
         assert torch.equal(raw.sem_pred, raw.sem_logits.argmax(0))
 
 
+def test_stuff_and_mask_logits_shapes_in_training_and_eval() -> None:
+    """Spec 7.4: stuff logits B x (S + 1) x Hp/4 x Wp/4, mask logits K x T x 28 x 28 for the K mask RoIs."""
+    batch, meta = synth_batch(2, size=(64, 96))
+    model = small_model(meta, "model.spatialflow.score_thresh=0.0")
+    stuff_shapes: list[tuple[int, ...]] = []
+    mask_shapes: list[tuple[int, ...]] = []
+    rois: list[int] = []
+
+    def on_stuff(module: torch.nn.Module, args: tuple[object, ...], output: Tensor) -> None:
+        stuff_shapes.append(tuple(output.shape))
+
+    def on_mask(module: torch.nn.Module, args: tuple[object, ...], output: tuple[Tensor, Tensor]) -> None:
+        boxes = args[1]
+        assert isinstance(boxes, list)
+        rois.append(sum(int(b.shape[0]) for b in boxes))
+        mask_shapes.append(tuple(output[0].shape))
+
+    hooks = [model.stuff_head.register_forward_hook(on_stuff), model.mask_head.register_forward_hook(on_mask)]
+    try:
+        torch.manual_seed(1)
+        model.train()(batch)
+        results = model.eval()(replace(batch, targets=None))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    s, t = meta.num_stuff, meta.num_things
+    assert tuple(batch.images.shape[-2:]) == (64, 96)
+    assert stuff_shapes == [(2, s + 1, 16, 24)] * 2
+    k_train, k_eval = rois
+    assert k_train > 0 and k_eval == sum(len(r.raw) for r in results if r.raw is not None) > 0
+    assert mask_shapes == [(k_train, t, 28, 28), (k_eval, t, 28, 28)]
+    for result in results:
+        assert result.raw is not None and result.raw.mask_probs is not None
+        own = (len(result.raw), 28, 28)  # the detection's own class
+        assert tuple(result.raw.extras["mask_logits"].shape) == tuple(result.raw.mask_probs.shape) == own
+
+
 def test_all_space_stuff_head_voids_thing_channels_at_fusion() -> None:
     batch, meta = synth_batch(1, size=(64, 64))
     model = small_model(
@@ -285,17 +328,76 @@ def test_builder_binds_the_box_fill_fusion() -> None:
     assert model.fuse.keywords == dataclasses.asdict(cfg.model.fusion)  # type: ignore[attr-defined]
 
 
-@pytest.mark.skipif(
-    "original_size" not in inspect.signature(heuristic_fusion).parameters,
-    reason="heuristic_fusion does not take original_size yet",
-)
-def test_fusion_takes_the_original_size() -> None:
-    target = SyntheticPanoptic(1, seed=0, opts=SynthOptions(size=(48, 64)), split="val")[0].target
+def stuff_strip_and_one_thing(meta: DatasetMeta) -> RawPrediction:
+    """A 16 x 20 SpatialFlow prediction: stuff class 0 on rows 0-2 (60 pixels), "other" elsewhere.
+
+    One detection (thing 0, score 0.9) with the box x 0..10, y 0..8 (80 pixels) whose mask is its
+    rows 4-7 (40 pixels): row 3 of the box is "other" (void after fusion) and rows 0-2 are stuff.
+    """
+    s = meta.num_stuff
+    sem_logits = torch.zeros(s + 1, 16, 20)
+    sem_logits[s] = 1.0
+    sem_logits[0, 0:3] = 2.0
+    masks = torch.zeros(1, 16, 20, dtype=torch.bool)
+    masks[0, 4:8, 0:10] = True
+    return RawPrediction(
+        boxes=torch.tensor([[0.0, 0.0, 10.0, 8.0]]),
+        scores=torch.tensor([0.9]),
+        labels=torch.tensor([0]),
+        sem_logits=sem_logits,
+        masks=masks,
+        sem_pred=sem_logits.argmax(0),
+    )
+
+
+def predict_with_raw(model: SpatialFlow, raw: RawPrediction, original_size: tuple[int, int]) -> PanopticResult:
+    """The model's eval forward on a 1-image batch of `original_size`, its network replaced by `raw`."""
+    h, w = (int(v) for v in raw.sem_logits.shape[-2:])
+    model.raw_predictions = lambda batch: [raw]  # type: ignore[method-assign]
+    batch = Batch(torch.zeros(1, 3, 32, 32), [(h, w)], ["x"], original_sizes=[original_size])
+    (result,) = model.eval()(batch)
+    return result
+
+
+def test_fusion_measures_the_stuff_area_in_original_pixels() -> None:
+    """stuff_area 240 original pixels over a 16 x 20 input: 240 * 320 / (H * W) input pixels, kept when <= 60.
+
+    From 32 x 40 the threshold is exactly 60 (kept: the comparison is >=); from 32 x 39 it is
+    61.5 and the 60-pixel stuff strip turns void, which frees half of the detection's box for box
+    fill (0.5 inclusive): the thing then covers all 80 pixels of its box. Through the model's
+    eval forward (batch.original_sizes) and its bound fusion called directly.
+    """
     meta = SyntheticPanoptic(1).meta
-    model = small_model(meta, "model.fusion.stuff_area=0", "model.fusion.box_fill_thresh=0.5")
-    raw = to_stuff_things(oracle_raw_prediction(target, meta), meta, target)
-    result = model.fuse(raw, meta, image_id="x", original_size=(48, 64))
-    assert result.image_id == "x"
+    model = small_model(meta, "model.fusion.stuff_area=240", "model.fusion.box_fill_thresh=0.5")
+    no_fill = small_model(meta, "model.fusion.stuff_area=240")
+    thing, stuff = meta.thing_dataset_id(0), meta.stuff_dataset_id(0)
+    raw = stuff_strip_and_one_thing(meta)
+
+    def areas(result: PanopticResult) -> list[tuple[int, int, int]]:
+        """(id, category_id, area) per segment, the areas checked against the map."""
+        for seg in result.segments:
+            assert seg.area == int((result.panoptic == seg.id).sum())
+        return [(seg.id, seg.category_id, seg.area) for seg in result.segments]
+
+    kept = predict_with_raw(model, raw, (32, 40))
+    assert kept.image_id == "x" and kept.raw is raw
+    assert areas(kept) == [(1, thing, 40), (2, stuff, 60)]
+    assert bool((kept.panoptic[0:3] == 2).all()) and bool((kept.panoptic[3] == 0).all())  # 10 void of 80: no fill
+    assert areas(predict_with_raw(model, raw, (33, 40))) == [(1, thing, 40), (2, stuff, 60)]  # 58.2
+
+    dropped = predict_with_raw(model, raw, (32, 39))
+    assert areas(dropped) == [(1, thing, 80)]
+    assert bool((dropped.panoptic[0:8, 0:10] == 1).all())  # box fill took the box's 40 void pixels
+    assert int((dropped.panoptic == 0).sum()) == 16 * 20 - 80  # the rest of the strip stays void
+    assert areas(predict_with_raw(no_fill, raw, (32, 39))) == [(1, thing, 40)]  # box fill off: the mask only
+    assert areas(predict_with_raw(model, raw, (31, 40))) == [(1, thing, 80)]  # 61.9
+
+    # the bound fusion: no original size, or the input size itself, means 240 input pixels
+    assert areas(model.fuse(raw, meta, image_id="x", original_size=(32, 40))) == areas(kept)
+    assert areas(model.fuse(raw, meta, image_id="x", original_size=(32, 39))) == areas(dropped)
+    for same in (None, (16, 20)):
+        assert areas(model.fuse(raw, meta, image_id="x", original_size=same)) == [(1, thing, 80)]
+    assert areas(model.fuse(raw, meta, original_size=(64, 80))) == [(1, thing, 40), (2, stuff, 60)]  # 15
 
 
 def to_stuff_things(raw: RawPrediction, meta: DatasetMeta, target: PanopticTarget) -> RawPrediction:
