@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -410,7 +411,8 @@ def image_prediction(
         keep = batched_nms(boxes, scores, labels, nms_thresh)[:max_detections]
     else:
         keep = torch.argsort(scores, descending=True, stable=True)[:max_detections]
-    crops, mask_boxes = paste_mask_logits(thing_logits[keep], boxes[keep], (h, w), mask_logit_thresh, scale)
+    kept = [thing_logits[i] for i in keep.tolist()]  # views: no copy of the kept maps
+    crops, mask_boxes = paste_mask_logits(kept, boxes[keep], (h, w), mask_logit_thresh, scale)
     sem_logits = upsample_logits(stuff_logits[None], padded_size)[0, :, :h, :w]
     return RawPrediction(
         boxes=mask_boxes,
@@ -432,7 +434,7 @@ def _masks_at_stride(masks: Tensor, padded_size: tuple[int, int], stride: int) -
 
 
 def paste_mask_logits(
-    logits: Tensor, boxes: Tensor, size: tuple[int, int], thresh: float, scale: int = 4
+    logits: Tensor | Sequence[Tensor], boxes: Tensor, size: tuple[int, int], thresh: float, scale: int = 4
 ) -> tuple[list[Tensor], Tensor]:
     """Binary masks of stride-`scale` logits, upsampled bilinearly only near each mask, as crops.
 
@@ -443,7 +445,7 @@ def paste_mask_logits(
     tight pixel box (`RawPrediction.mask_crops`): no full-image mask is ever allocated.
 
     Args:
-        logits: FloatTensor[N, h4, w4] mask logits at stride `scale`.
+        logits: FloatTensor[N, h4, w4] mask logits at stride `scale` (or N FloatTensor[h4, w4]).
         boxes: FloatTensor[N, 4] xyxy (x1/y1 exclusive) cell boxes of `logits >= thresh`.
         size: (h, w) of the output, at most (h4 * scale, w4 * scale).
         thresh: logit threshold.
@@ -453,17 +455,17 @@ def paste_mask_logits(
         N BoolTensor[y1 - y0, x1 - x0] crops and their tight xyxy pixel boxes FloatTensor[N, 4]
         (x1/y1 exclusive; a zero box and a 0 x 0 crop for an empty mask), as `masks_to_boxes`.
     """
-    h4, w4 = logits.shape[-2:]
     h, w = size
-    empty = torch.zeros((0, 0), dtype=torch.bool, device=logits.device)
+    empty = torch.zeros((0, 0), dtype=torch.bool, device=boxes.device)
     crops: list[Tensor] = []
     tight = torch.zeros((len(logits), 4), dtype=torch.float32)
     for i, (x0, y0, x1, y1) in enumerate(boxes.long().tolist()):
         crops.append(empty)
         if x1 <= x0 or y1 <= y0:
             continue
+        h4, w4 = logits[i].shape
         wy0, wy1, wx0, wx1 = max(y0 - 2, 0), min(y1 + 2, h4), max(x0 - 2, 0), min(x1 + 2, w4)
-        window = logits[i, wy0:wy1, wx0:wx1][None, None]
+        window = logits[i][wy0:wy1, wx0:wx1][None, None]
         up = (
             window[0, 0]
             if scale == 1
@@ -483,7 +485,7 @@ def paste_mask_logits(
             r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
             crops[i] = crop[r0:r1, c0:c1]
             tight[i] = torch.tensor([px0 + c0, py0 + r0, px0 + c1, py0 + r1], dtype=torch.float32)
-    return crops, tight.to(logits.device)
+    return crops, tight.to(boxes.device)
 
 
 def build_spinet(cfg: SPINetConfig, meta: DatasetMeta) -> SPINet:
