@@ -92,8 +92,8 @@ class SPINetTail:
 
 
 def object_sized_logits(size: tuple[int, int], n: int = 100, scale: int = 4) -> Tensor:
-    """FloatTensor[n, h/scale, w/scale]: ellipse logits (+5 at the centre, 0 on the rim, -5 outside)
-    inscribed in random boxes of 16..512 px (seeded)."""
+    """FloatTensor[n, h/scale, w/scale]: logits 5 (1 - r^2), at least -5, of ellipses (r = 1 on the
+    rim) inscribed in random boxes of 16..512 image px (seeded)."""
     h, w = size
     g = torch.Generator().manual_seed(0)
     boxes = random_boxes(g, n, size) / scale
