@@ -12,13 +12,19 @@ import torch
 from unipan.data.collate import collate
 from unipan.data.synthetic import SyntheticPanoptic, SynthOptions
 from unipan.data.transforms import Normalize
-from unipan.structures import Batch, DatasetMeta, PanopticTarget
+from unipan.structures import Batch, DatasetMeta, PanopticTarget, masks_to_boxes
 
 
 def synth_batch(n: int, size: tuple[int, int] = (64, 64), seed: int = 0, **opts: object) -> tuple[Batch, DatasetMeta]:
     """A collated batch of `n` synthetic images (normalised) and their metadata."""
     ds = SyntheticPanoptic(n, seed=seed, opts=SynthOptions(size=size, **opts), transform=Normalize())  # type: ignore[arg-type]
     return collate([ds[i] for i in range(n)]), ds.meta
+
+
+def tight_crops(masks: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """BoolTensor[N, H, W] -> their tight boxes and each mask cropped to its box (`RawPrediction.mask_crops`)."""
+    boxes = masks_to_boxes(masks)
+    return boxes, [m[y0:y1, x0:x1] for m, (x0, y0, x1, y1) in zip(masks, boxes.long().tolist(), strict=True)]
 
 
 def stuff_only(batch: Batch, meta: DatasetMeta, index: int) -> Batch:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import tight_crops
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -29,7 +30,7 @@ from unipan.evaluation.coco_ap import (
     gt_instance_records,
 )
 from unipan.modeling.meta_arch import PanopticModel
-from unipan.structures import Batch, DatasetMeta, PanopticResult, RawPrediction, Sample, SegmentInfo, masks_to_boxes
+from unipan.structures import Batch, DatasetMeta, PanopticResult, RawPrediction, Sample, SegmentInfo
 
 
 def meta() -> DatasetMeta:
@@ -303,8 +304,7 @@ def test_mask_crops_give_the_records_of_their_full_masks(original_size: tuple[in
     full = torch.rand(5, 40, 48, generator=g) > 0.97
     full[:, 10:20, 5:30] |= torch.rand(5, 10, 25, generator=g) > 0.3
     full[4] = False  # an empty mask: zero box, 0 x 0 crop
-    boxes = masks_to_boxes(full)
-    crops = [mk[y0:y1, x0:x1] for mk, (x0, y0, x1, y1) in zip(full, boxes.long().tolist(), strict=True)]
+    boxes, crops = tight_crops(full)
     common = {"boxes": boxes, "scores": torch.rand(5, generator=g), "labels": torch.tensor([0, 1, 0, 1, 0])}
     sem = torch.zeros(m.num_stuff + 1, 40, 48)
     dense = detection_records(RawPrediction(**common, sem_logits=sem, masks=full), m, "1", original_size)

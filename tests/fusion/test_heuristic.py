@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tight_crops
 from torchvision.models.detection.roi_heads import paste_masks_in_image as tv_paste_masks_in_image
 
 from unipan.fusion.heuristic import heuristic_fusion
@@ -35,7 +36,6 @@ from unipan.structures import (
     PanopticTarget,
     RawPrediction,
     SegmentInfo,
-    masks_to_boxes,
 )
 
 # Things and stuff interleaved, ids non-contiguous: thing index 0 = id 7, 1 = id 9; stuff index
@@ -495,8 +495,7 @@ def test_windowed_fusion_equals_naive_reference(seed: int) -> None:
     full = paste_masks_in_image(raw.mask_probs, raw.boxes, (h, w)) >= 0.5
     with_masks = dataclasses.replace(raw, masks=full, mask_probs=None)
     expected = heuristic_fusion(with_masks, META, **kwargs)
-    tight = masks_to_boxes(full)
-    crops = [m[y0:y1, x0:x1] for m, (x0, y0, x1, y1) in zip(full, tight.long().tolist(), strict=True)]
+    tight, crops = tight_crops(full)
     cropped = dataclasses.replace(with_masks, boxes=tight, masks=None, mask_crops=crops)
     assert torch.equal(cropped.dense_masks(), full)
     got = heuristic_fusion(cropped, META, **kwargs)
