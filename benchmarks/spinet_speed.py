@@ -53,7 +53,7 @@ MODELS = ("spinet", "upsnet", "panoptic_fpn")
 # would merge into a few: an IoU threshold of 1 keeps all 100 for the fusion, as the other models'
 OVERRIDES = {"spinet": ["model.spinet.pre_topk=25", "model.spinet.nms_thresh=1.0"]}
 # SPINet's post-processing inside `image_prediction`: mask boxes, their NMS, the masks' upsampling
-TAIL = ("masks_to_boxes", "batched_nms", "paste_mask_logits")
+TAIL = ("logit_boxes", "batched_nms", "paste_mask_logits")
 
 
 class SPINetTail:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from unipan.structures import IGNORE_LABEL, Batch, DatasetMeta, PanopticTarget, SegmentInfo
+from unipan.structures import IGNORE_LABEL, Batch, DatasetMeta, PanopticTarget, SegmentInfo, logit_boxes, masks_to_boxes
 
 META = DatasetMeta(
     [
@@ -52,3 +52,21 @@ def test_instance_index_map() -> None:
     target = _target()
     index = target.instance_index_map()
     assert int((index == 0).sum()) == 4 and int((index == -1).sum()) == 20
+
+
+def test_masks_to_boxes_by_hand_and_logit_boxes_equal_it() -> None:
+    masks = torch.zeros(3, 5, 7, dtype=torch.bool)
+    masks[0, 1:3, 2:6] = True
+    masks[1, 4, 0] = True
+    masks[1, 0, 6] = True  # two corners: the box spans the map
+    # masks[2] is empty
+    want = torch.tensor([[2, 1, 6, 3], [0, 0, 7, 5], [0, 0, 0, 0]], dtype=torch.float32)
+    assert torch.equal(masks_to_boxes(masks), want)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 13, 17, generator=g) - 1.5
+    logits[0] = -1.0  # empty
+    logits[1, 3, 4] = 0.5  # exactly at the threshold: in the mask (">=")
+    logits[1] = logits[1].clamp(max=0.5)
+    for thresh in (0.5, 0.0, -1.0):
+        assert torch.equal(logit_boxes(logits, thresh), masks_to_boxes(logits >= thresh))
+    assert logit_boxes(logits[:0], 0.0).shape == (0, 4) and masks_to_boxes(masks[:0]).shape == (0, 4)

@@ -253,22 +253,35 @@ def masks_to_boxes(masks: Tensor) -> Tensor:
 
     An empty mask gives the box (0, 0, 0, 0).
     """
-    n = masks.shape[0]
-    if n == 0:
-        return torch.zeros((0, 4), dtype=torch.float32)
-    rows = masks.any(dim=2)  # N, H
-    cols = masks.any(dim=1)  # N, W
-    h, w = masks.shape[-2:]
-    ar_h = torch.arange(h, device=masks.device)
-    ar_w = torch.arange(w, device=masks.device)
+    if masks.shape[0] == 0:
+        return torch.zeros((0, 4), dtype=torch.float32, device=masks.device)
+    return _extents_to_boxes(masks.any(dim=2), masks.any(dim=1))
+
+
+def logit_boxes(logits: Tensor, thresh: float) -> Tensor:
+    """FloatTensor[N, H, W] -> the `masks_to_boxes` boxes of `logits >= thresh`.
+
+    A row (column) holds a pixel of the mask iff its largest value reaches `thresh`, so two max
+    reductions over the float maps replace the bool map and its two `any` reductions (about twice
+    as fast on the CPU: the float reductions are vectorised).
+    """
+    if logits.shape[0] == 0:
+        return torch.zeros((0, 4), dtype=torch.float32, device=logits.device)
+    return _extents_to_boxes(logits.amax(dim=2) >= thresh, logits.amax(dim=1) >= thresh)
+
+
+def _extents_to_boxes(rows: Tensor, cols: Tensor) -> Tensor:
+    """BoolTensor[N, H] (row holds a mask pixel) and [N, W] (column does) -> FloatTensor[N, 4] boxes."""
+    h, w = rows.shape[1], cols.shape[1]
+    ar_h = torch.arange(h, device=rows.device)
+    ar_w = torch.arange(w, device=rows.device)
     big = max(h, w) + 1
     y0 = torch.where(rows, ar_h, big).amin(dim=1)
     y1 = torch.where(rows, ar_h, -1).amax(dim=1) + 1
     x0 = torch.where(cols, ar_w, big).amin(dim=1)
     x1 = torch.where(cols, ar_w, -1).amax(dim=1) + 1
     boxes = torch.stack([x0, y0, x1, y1], dim=1).float()
-    empty = ~rows.any(dim=1)
-    boxes[empty] = 0.0
+    boxes[~rows.any(dim=1)] = 0.0
     return boxes
 
 

@@ -45,7 +45,7 @@ from unipan.modeling.layers.losses import (
 )
 from unipan.modeling.meta_arch import Fusion, PanopticModel, check_sem_seg
 from unipan.segments import to_semantic_space
-from unipan.structures import Batch, DatasetMeta, PanopticTarget, RawPrediction, SemSpace, masks_to_boxes
+from unipan.structures import Batch, DatasetMeta, PanopticTarget, RawPrediction, SemSpace, logit_boxes
 
 __all__ = ["SPINet", "build_spinet", "image_prediction", "paste_mask_logits"]
 
@@ -406,7 +406,7 @@ def image_prediction(
     """
     h, w = image_size
     padded_size = (int(stuff_logits.shape[-2]) * scale, int(stuff_logits.shape[-1]) * scale)
-    boxes = masks_to_boxes(thing_logits >= mask_logit_thresh).to(thing_logits.device)
+    boxes = logit_boxes(thing_logits, mask_logit_thresh)
     if dedup == "box_nms":
         keep = batched_nms(boxes, scores, labels, nms_thresh)[:max_detections]
     else:
@@ -457,10 +457,9 @@ def paste_mask_logits(
     """
     h, w = size
     empty = torch.zeros((0, 0), dtype=torch.bool, device=boxes.device)
-    crops: list[Tensor] = []
-    tight = torch.zeros((len(logits), 4), dtype=torch.float32)
+    crops = [empty] * len(logits)
+    tight = [(0, 0, 0, 0)] * len(logits)
     for i, (x0, y0, x1, y1) in enumerate(boxes.long().tolist()):
-        crops.append(empty)
         if x1 <= x0 or y1 <= y0:
             continue
         h4, w4 = logits[i].shape
@@ -478,14 +477,15 @@ def paste_mask_logits(
         if py1 <= py0 or px1 <= px0:
             continue
         oy, ox = (ey0 - wy0) * scale, (ex0 - wx0) * scale
-        crop = up[oy : oy + py1 - py0, ox : ox + px1 - px0] >= thresh
-        rows = torch.nonzero(crop.any(dim=1)).flatten()
-        cols = torch.nonzero(crop.any(dim=0)).flatten()
-        if rows.numel():
-            r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-            crops[i] = crop[r0:r1, c0:c1]
-            tight[i] = torch.tensor([px0 + c0, py0 + r0, px0 + c1, py0 + r1], dtype=torch.float32)
-    return crops, tight.to(boxes.device)
+        region = up[oy : oy + py1 - py0, ox : ox + px1 - px0]
+        # the tight box from the float maxima (vectorised), then the mask on it alone
+        rows = torch.nonzero(region.amax(dim=1) >= thresh).flatten().tolist()
+        if rows:
+            cols = torch.nonzero(region.amax(dim=0) >= thresh).flatten().tolist()
+            r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+            crops[i] = region[r0:r1, c0:c1] >= thresh
+            tight[i] = (px0 + c0, py0 + r0, px0 + c1, py0 + r1)
+    return crops, torch.tensor(tight, dtype=torch.float32, device=boxes.device).reshape(-1, 4)
 
 
 def build_spinet(cfg: SPINetConfig, meta: DatasetMeta) -> SPINet:
