@@ -5,14 +5,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# Before torch loads OpenMP: idle threads sleep instead of spinning. On a 2-core machine a
-# spinning intra-op thread fights every other process and made small tests 5-20x slower.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Before torch loads OpenMP: the `unipan` command's thread defaults (idle threads spin briefly,
+# then sleep). On a 2-core machine torch's long-spinning intra-op threads fight every other process
+# and made small tests 5-20x slower.
+from unipan.threads import configure_threads  # imports no torch
 
-import sys
+configure_threads()
 
-import pytest
-import torch
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # the test folders mirror the package; shared builders live in tests/helpers.py, imported as `helpers`

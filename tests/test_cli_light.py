@@ -99,7 +99,7 @@ def test_light_verbs_run_without_torch(tmp_path: Path) -> None:
 
 def test_heavy_verbs_set_the_thread_defaults_before_torch() -> None:
     """`unipan train` puts the OpenMP defaults into the environment before anything imports torch."""
-    from unipan.threads import DEFAULT_THREAD_ENV
+    from unipan.threads import DEFAULT_THREAD_ENV, WAIT_VARIABLES
 
     code = (
         "import atexit, os, sys\n"
@@ -108,19 +108,22 @@ def test_heavy_verbs_set_the_thread_defaults_before_torch() -> None:
         "from unipan.cli import main\n"
         "sys.exit(main(['train', '--help']))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k not in DEFAULT_THREAD_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in (*DEFAULT_THREAD_ENV, *WAIT_VARIABLES)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == f"{dict(sorted(DEFAULT_THREAD_ENV.items()))} False"
 
 
 def test_configure_threads_keeps_what_the_user_set() -> None:
-    from unipan.threads import DEFAULT_THREAD_ENV, configure_threads
+    from unipan.threads import DEFAULT_THREAD_ENV, WAIT_VARIABLES, configure_threads
 
-    env = {"OMP_WAIT_POLICY": "ACTIVE", "PATH": "/bin"}
-    added = configure_threads(env)
-    assert env["OMP_WAIT_POLICY"] == "ACTIVE"
-    assert added == {k: v for k, v in DEFAULT_THREAD_ENV.items() if k != "OMP_WAIT_POLICY"}
+    for variable in WAIT_VARIABLES:  # either wait setting of the user's stands alone
+        env = {variable: "1", "PATH": "/bin"}
+        assert configure_threads(env) == {}
+        assert env == {variable: "1", "PATH": "/bin"}
+    env = {"OMP_NUM_THREADS": "2"}
+    assert configure_threads(env) == DEFAULT_THREAD_ENV
+    assert env == {"OMP_NUM_THREADS": "2", **DEFAULT_THREAD_ENV}
     env = {}
     assert configure_threads(env) == DEFAULT_THREAD_ENV == env
 

@@ -1,16 +1,26 @@
 """Torch's CPU thread defaults for a machine that is not idle.
 
 torch's CPU kernels run on an OpenMP pool (GNU libgomp in the PyPI wheels). Between parallel
-regions its worker threads spin, waiting for the next one, before they sleep. On an idle machine
-that saves the wake-up; with one other CPU-bound process on the same cores, the spinning threads
-take the time slices the working thread needs, and every parallel region waits for a thread that
-the kernel has descheduled: a training step of the tiny model then costs many times its quiet time.
-Passive waiting (threads sleep in the kernel as soon as they are idle) removes that, at a small
-cost on a quiet machine (`benchmarks/train_under_load.py` measures both).
+regions its worker threads spin, waiting for the next one, before they sleep: by default for
+300,000 iterations of a spin loop. On an idle machine that saves the wake-up; with one other
+CPU-bound process on the same cores, the spinning threads take the time slices the working thread
+needs, and every parallel region waits for a thread that the kernel has descheduled: a training
+step of the tiny model then costs many times its quiet time.
+
+Passive waiting (`OMP_WAIT_POLICY=PASSIVE`: sleep at once) removes that, but on a machine where
+waking a sleeping thread is slow it makes every parallel region pay the wake-up, and a quiet step
+cost up to 2x torch's default (1.98x for the tiny Panoptic FPN, 1.64x for SPINet, on one such
+machine). A short spin (`GOMP_SPINCOUNT=3000`) keeps a thread awake across the back-to-back regions
+of one step and gives the core up soon after: in four runs of `benchmarks/train_under_load.py` on
+two machines it stayed within 2.5x its quiet time beside a competing process, as passive waiting
+does, at 0.93-1.23x torch's quiet step where passive waiting cost 1.38-1.98x (10000 spins: beside
+a competing process 3-4x).
 
 libgomp reads its environment once, when it is loaded, which is when torch is first imported; so
 `configure_threads` has to run before that (the `unipan` command calls it before it imports
-anything that imports torch). A value the user put in the environment always wins.
+anything that imports torch). A wait setting the user put in the environment always wins: when
+either `OMP_WAIT_POLICY` or `GOMP_SPINCOUNT` is set, nothing is added (a spin count would override
+the one `OMP_WAIT_POLICY` implies).
 
 This module must not import torch.
 """
@@ -24,21 +34,29 @@ from collections.abc import MutableMapping
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_THREAD_ENV: dict[str, str] = {"OMP_WAIT_POLICY": "PASSIVE"}
-"""Environment defaults for torch's OpenMP pool: idle threads sleep instead of spinning."""
+DEFAULT_THREAD_ENV: dict[str, str] = {"GOMP_SPINCOUNT": "3000"}
+"""Environment defaults for torch's OpenMP pool: idle threads spin briefly, then sleep."""
+
+WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+"""The variables that set how an idle OpenMP thread waits; the user's setting of either wins."""
 
 
 def configure_threads(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
-    """Put `DEFAULT_THREAD_ENV` into the environment, keeping every variable already set.
+    """Put `DEFAULT_THREAD_ENV` into the environment unless the user chose how threads wait.
+
+    Nothing is added when any of `WAIT_VARIABLES` is set, and a variable already set is never
+    changed.
 
     Args:
         environ: the environment to change (default `os.environ`, for this process and its
             children).
 
     Returns:
-        The variables it set (empty when the user had set them all).
+        The variables it set (empty when the user had chosen a wait setting).
     """
     env = os.environ if environ is None else environ
+    if any(k in env for k in WAIT_VARIABLES):
+        return {}
     added = {k: v for k, v in DEFAULT_THREAD_ENV.items() if k not in env}
     env.update(added)
     if added and environ is None and "torch" in sys.modules:

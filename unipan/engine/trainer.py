@@ -59,6 +59,7 @@ from unipan.engine.sampler import IterationBatchSampler, SeededDataset, derive_s
 from unipan.engine.schedule import build_optimizer, build_scheduler
 from unipan.modeling.meta_arch import check_losses, model_size_divisibility
 from unipan.structures import Batch, DatasetMeta, Sample
+from unipan.threads import WAIT_VARIABLES
 
 logger = logging.getLogger(__name__)
 
@@ -349,13 +350,13 @@ def _train(  # noqa: C901 - the run set-up in order, kept whole until the step i
     device = resolve_device(eng.device, local_rank)
     if eng.num_threads > 0:
         torch.set_num_threads(eng.num_threads)
-    if device.type == "cpu" and torch.get_num_threads() > 1 and "OMP_WAIT_POLICY" not in os.environ:
-        # the `unipan` command sets the policy before torch loads (unipan.threads); a caller of
-        # train() that imported torch first runs with spinning OpenMP threads
+    if device.type == "cpu" and torch.get_num_threads() > 1 and not any(k in os.environ for k in WAIT_VARIABLES):
+        # the `unipan` command sets the wait policy before torch loads (unipan.threads); a caller of
+        # train() that imported torch first runs with torch's long-spinning OpenMP threads
         logger.info(
-            "OMP_WAIT_POLICY is not set: torch's %d threads spin while idle, so beside another CPU-bound "
-            "process a step can cost several times its quiet time; set OMP_WAIT_POLICY=PASSIVE before "
-            "importing torch (the unipan command does) or engine.num_threads=1",
+            "neither OMP_WAIT_POLICY nor GOMP_SPINCOUNT is set: torch's %d threads spin while idle, so "
+            "beside another CPU-bound process a step can cost several times its quiet time; set "
+            "GOMP_SPINCOUNT=3000 before importing torch (the unipan command does) or engine.num_threads=1",
             torch.get_num_threads(),
         )
     if solver.max_iter <= 0:
