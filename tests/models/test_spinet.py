@@ -15,7 +15,7 @@ from unipan.config import load_config
 from unipan.data.synthetic import SyntheticPanoptic, SynthOptions
 from unipan.evaluation.pq import PQResult, pq_compute_single
 from unipan.modeling.layers.dynamic_conv import single_shot_conv
-from unipan.modeling.models.spinet import SPINet, image_prediction, paste_mask_logits
+from unipan.modeling.models.spinet import SPINet, fuse_kernels, image_prediction, paste_mask_logits
 from unipan.modeling.registry import build_model
 from unipan.structures import DatasetMeta, PanopticResult, PanopticTarget, SegmentInfo, masks_to_boxes
 
@@ -102,16 +102,20 @@ def run_oracle(
     scores = torch.cat([torch.full((n,), 1.0 - 0.1 * r) for r in range(1 + duplicates)])
     thing_k = centre_tap_kernels(rows, d)
     stuff_k = centre_tap_kernels(list(range(n, d)), d)
+    thing_labels = labels.repeat(1 + duplicates)
+    if dedup == "kernel_fusion":  # the model's order: fuse, convolve, then no further dedup
+        thing_k, _, scores, thing_labels = fuse_kernels(thing_k, None, scores, thing_labels, 0.9)
+        rows = rows[: len(thing_k)]
     (out,) = single_shot_conv(phi, [thing_k], stuff_k)
     raw = image_prediction(
         out[: len(rows)],
         out[len(rows) :],
         scores,
-        labels.repeat(1 + duplicates),
+        thing_labels,
         target.image_size,
         scale=scale,
         mask_logit_thresh=0.0,
-        dedup=dedup,
+        dedup="none" if dedup == "kernel_fusion" else dedup,
         nms_thresh=0.6,
         max_detections=100,
         sem_space=model.sem_space,
@@ -145,8 +149,9 @@ def test_oracle_through_the_single_shot_conv_gives_pq_100(things_channel: bool) 
     """One-hot Panoptic-Feature, centre-tap kernels x10, no bias, stride 1: PQ 100 through the tail.
 
     Duplicated kernels (each instance 3 more times, lower scores) are removed by the fusion's overlap
-    rule (dedup none) and by the class-wise box NMS (on images whose same-class GT boxes overlap
-    less than the NMS threshold, where NMS cannot hit a true instance).
+    rule (dedup none), by kernel fusion (the copies merge into one kernel per instance), and by the
+    class-wise box NMS (on images whose same-class GT boxes overlap less than the NMS threshold,
+    where NMS cannot hit a true instance).
     """
     opts = SynthOptions(size=(64, 80), crowd_prob=0.5, void_border=2, void_outline=0.5)
     val = SyntheticPanoptic(6, seed=0, opts=opts, split="val")
@@ -158,6 +163,8 @@ def test_oracle_through_the_single_shot_conv_gives_pq_100(things_channel: bool) 
         assert pq == 1.0, target.image_id
         assert torch.equal(masks, gt)  # sign(10 * (2 onehot - 1)) is the region itself
         assert run_oracle(model, target, target, scale=1, dedup="none", duplicates=3)[0] == 1.0
+        pq, fused_masks, _, _ = run_oracle(model, target, target, scale=1, dedup="kernel_fusion", duplicates=3)
+        assert pq == 1.0 and torch.equal(fused_masks, gt)
         if max_same_class_box_iou(target) <= 0.6:
             assert run_oracle(model, target, target, scale=1, dedup="box_nms", duplicates=3)[0] == 1.0
             nms_checked += 1
@@ -198,6 +205,60 @@ def test_oracle_at_stride_4_flips_only_block_corner_pixels() -> None:
         assert all(r.area <= 16 for r in result.segments if r.id not in matched and not r.isthing)
 
 
+def test_fuse_kernels_by_hand() -> None:
+    """Same-class near-copies average into the higher-scoring kernel; another class or direction stays."""
+    e = torch.eye(4)
+    a, a2, c = e[0], e[0] + 0.1 * e[1], e[2]  # cos(a, a2) = 0.995
+    kernels = torch.stack([a2, a, a, c]).reshape(4, 1, 2, 2)
+    bias = torch.tensor([1.0, 3.0, 5.0, 7.0])
+    scores = torch.tensor([0.8, 0.9, 0.7, 0.6])
+    labels = torch.tensor([0, 0, 1, 0])  # the second `a` is another class
+    fused, fused_bias, s, lab = fuse_kernels(kernels, bias, scores, labels, 0.9)
+    assert torch.equal(s, torch.tensor([0.9, 0.7, 0.6])) and torch.equal(lab, torch.tensor([0, 1, 0]))
+    assert torch.allclose(fused.reshape(3, 4), torch.stack([(a + a2) / 2, a, c]))
+    assert fused_bias is not None and torch.allclose(fused_bias, torch.tensor([2.0, 5.0, 7.0]))
+    # Panoptic FCN's rule: b joins a; d's first match is b, itself a duplicate, so d is dropped
+    # although d is not similar to a
+    b = torch.tensor([1.0, 0.4, 0.0, 0.0])
+    d = torch.tensor([1.0, 0.9, 0.0, 0.0])
+    unit = torch.nn.functional.normalize(torch.stack([a, b, d]), dim=1)
+    assert (unit @ unit.T)[0, 1] >= 0.9 > (unit @ unit.T)[0, 2] and (unit @ unit.T)[1, 2] >= 0.9
+    three = torch.stack([a, b, d]).reshape(3, 1, 2, 2)
+    one_class = torch.zeros(3, dtype=torch.long)
+    fused, none_bias, s, _ = fuse_kernels(three, None, torch.tensor([0.9, 0.8, 0.7]), one_class, 0.9)
+    assert none_bias is None and torch.equal(s, torch.tensor([0.9])) and torch.allclose(fused.flatten(), (a + b) / 2)
+    empty = fuse_kernels(kernels[:0], None, scores[:0], labels[:0], 0.9)
+    assert empty[0].shape == (0, 1, 2, 2) and empty[2].numel() == 0
+
+
+def test_fuse_kernels_equals_a_naive_loop() -> None:
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 2, 3, 3, generator=g)
+    # 30 kernels near 6 directions, so that thresholds between 0.5 and 0.99 merge some of them
+    kernels = base[torch.randint(0, 6, (30,), generator=g)] + 0.4 * torch.randn(30, 2, 3, 3, generator=g)
+    bias = torch.randn(30, generator=g)
+    scores = torch.rand(30, generator=g)
+    labels = torch.randint(0, 2, (30,), generator=g)
+    order = sorted(range(30), key=lambda i: -float(scores[i]))
+    flat = [kernels[i].flatten() for i in order]
+
+    def similar(i: int, j: int, thresh: float) -> bool:
+        same = int(labels[order[i]]) == int(labels[order[j]])
+        return i == j or (same and float(F.cosine_similarity(flat[i], flat[j], dim=0)) >= thresh)
+
+    for thresh in (0.5, 0.8, 0.9, 0.99):
+        first = [next(i for i in range(j + 1) if similar(i, j, thresh)) for j in range(30)]
+        kept = [j for j in range(30) if first[j] == j]
+        got, got_bias, got_scores, got_labels = fuse_kernels(kernels, bias, scores, labels, thresh)
+        assert len(got) == len(kept)
+        assert len(kept) < 30 or thresh == 0.99  # the loose thresholds merge some kernels
+        for row, i in enumerate(kept):
+            members = [order[j] for j in range(30) if first[j] == i]
+            assert torch.allclose(got[row], kernels[members].mean(dim=0), atol=1e-6)
+            assert got_bias is not None and torch.allclose(got_bias[row], bias[members].mean(), atol=1e-6)
+            assert float(got_scores[row]) == float(scores[order[i]]) and int(got_labels[row]) == int(labels[order[i]])
+
+
 def test_paste_mask_logits_equals_full_upsampling() -> None:
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(6, 9, 11, generator=g) - 1.0
@@ -211,6 +272,16 @@ def test_paste_mask_logits_equals_full_upsampling() -> None:
         for crop, (x0, y0, x1, y1), mask in zip(crops, got_boxes.long().tolist(), want, strict=True):
             assert torch.equal(crop, mask[y0:y1, x0:x1])  # the whole mask: its box is tight
         assert crops[0].shape == (0, 0)
+
+
+def test_paste_mask_logits_survives_nan_logits() -> None:
+    """NaN logits (a diverged model) drop their pixels' rows and columns instead of raising."""
+    logits = torch.full((1, 6, 6), -1.0)
+    logits[0, 2, 1:4] = 3.0  # a bar: its box is cells x 1..3, y 2
+    logits[0, 4, :] = float("nan")  # mixed into the lower pixels of every column of the bar's region
+    crops, boxes = paste_mask_logits(logits, torch.tensor([[1.0, 2.0, 4.0, 3.0]]), (24, 24), 0.0)
+    x0, y0, x1, y1 = boxes[0].long().tolist()
+    assert tuple(crops[0].shape) == (y1 - y0, x1 - x0)
 
 
 # --- switches ------------------------------------------------------------------------------------------
@@ -237,11 +308,13 @@ SWITCHES = {
         ],
         None,
     ),
-    "t4_p37": (
+    "t4_p37_kernel_fusion": (
         [
             "model.backbone.fpn_levels=p3-p7",
             "model.spinet.pfg_levels=[p3,p4,p5,p6,p7]",
             "model.spinet.fsm_levels=[p3,p4,p5,p6,p7]",
+            "model.spinet.dedup=kernel_fusion",
+            "model.spinet.kernel_bias=true",
         ],
         None,
     ),

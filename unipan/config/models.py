@@ -256,9 +256,12 @@ class SPINetHeadsConfig:
     score_thresh: float = 0.45
     pre_topk: int = 1000
     # duplicates (P2 and P3 share stride 8; neighbouring locations fire for one object):
-    # box_nms (class-wise NMS on the boxes of the stride-4 masks) | none (the fusion's overlap rule)
+    # box_nms (class-wise NMS on the boxes of the stride-4 masks) | kernel_fusion (Panoptic FCN's:
+    # same-class kernels of cosine similarity >= kernel_sim_thresh are averaged before the conv) |
+    # none (the fusion's overlap rule)
     dedup: str = "box_nms"
     nms_thresh: float = 0.6
+    kernel_sim_thresh: float = 0.9
     max_detections: int = 100
     # Table 1 "SPINet + deform": deformable 3x3 convs (DCNv1) in res3-res5 of the trunk
     deformable: bool = False

@@ -237,6 +237,7 @@ RANGES: dict[type, dict[str, Range]] = {
         "score_thresh": UNIT,
         "pre_topk": POSITIVE,
         "nms_thresh": UNIT,
+        "kernel_sim_thresh": UNIT,
         "max_detections": POSITIVE,
         "head_init_std": NON_NEGATIVE,
     },

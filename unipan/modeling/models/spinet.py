@@ -47,9 +47,9 @@ from unipan.modeling.meta_arch import Fusion, PanopticModel, check_sem_seg
 from unipan.segments import to_semantic_space
 from unipan.structures import Batch, DatasetMeta, PanopticTarget, RawPrediction, SemSpace, logit_boxes
 
-__all__ = ["SPINet", "build_spinet", "image_prediction", "paste_mask_logits"]
+__all__ = ["SPINet", "build_spinet", "fuse_kernels", "image_prediction", "paste_mask_logits"]
 
-DEDUP = ("box_nms", "none")
+DEDUP = ("box_nms", "kernel_fusion", "none")
 TRIPLET_NEGATIVES = ("any", "same_class")
 
 
@@ -69,9 +69,9 @@ class SPINet(PanopticModel):
         mask_thresh: probability at which thing masks are binarised (the fusion's).
 
     Losses (training, already weighted): loss_cls, loss_stuff_ce, loss_thing_dice, and, when on,
-    loss_stuff_dice (multi-class dice), loss_contour, loss_triplet. Raw predictions: full-image
-    BoolTensor masks, their boxes, location scores and labels; sem_logits FloatTensor[S, h, w]
-    ("stuff") or [S + 1, h, w] ("stuff+things").
+    loss_stuff_dice (multi-class dice), loss_contour, loss_triplet. Raw predictions: thing
+    masks as BoolTensor crops on their tight boxes (`mask_crops`), those boxes, location scores and
+    labels; sem_logits FloatTensor[S, h, w] ("stuff") or [S + 1, h, w] ("stuff+things").
     """
 
     def __init__(
@@ -315,7 +315,7 @@ class SPINet(PanopticModel):
     # --- inference --------------------------------------------------------------------------------
     @torch.no_grad()
     def raw_predictions(self, batch: Batch) -> list[RawPrediction]:
-        """Per image RawPrediction at its input size (full-image thing masks)."""
+        """Per image RawPrediction at its input size (thing masks as crops on their tight boxes)."""
         s = self.settings
         cls_logits, filter_maps, phi, phi_stuff = self._features(batch)
         # candidates: locations whose best class scores above the threshold, top-k per level,
@@ -346,28 +346,75 @@ class SPINet(PanopticModel):
         level, bidx, ys, xs, scores_all, labels_all = (torch.cat(c) for c in cands)
         kernels, bias = self.fsm.kernels(filter_maps, level, bidx, ys, xs)
         per_image = [torch.nonzero(bidx == b).flatten() for b in range(len(batch))]
-        thing_logits, stuff_logits = self._single_shot(
-            phi,
-            phi_stuff,
-            [kernels[sel] for sel in per_image],
-            None if bias is None else [bias[sel] for sel in per_image],
-        )
+        image_kernels, image_bias, image_scores, image_labels = [], [], [], []
+        for sel in per_image:
+            item = (kernels[sel], None if bias is None else bias[sel], scores_all[sel], labels_all[sel])
+            if s.dedup == "kernel_fusion":  # duplicates merge before the conv: one mask per fused kernel
+                item = fuse_kernels(*item, s.kernel_sim_thresh)
+            image_kernels.append(item[0])
+            image_bias.append(item[1])
+            image_scores.append(item[2])
+            image_labels.append(item[3])
+        biases = None if bias is None else [b for b in image_bias if b is not None]
+        thing_logits, stuff_logits = self._single_shot(phi, phi_stuff, image_kernels, biases)
         return [
             image_prediction(
                 thing_logits[b],
                 stuff_logits[b],
-                scores_all[per_image[b]],
-                labels_all[per_image[b]],
+                image_scores[b],
+                image_labels[b],
                 (h, w),
                 scale=4,
                 mask_logit_thresh=self.mask_logit_thresh,
-                dedup=s.dedup,
+                dedup="none" if s.dedup == "kernel_fusion" else s.dedup,
                 nms_thresh=s.nms_thresh,
                 max_detections=s.max_detections,
                 sem_space=self.sem_space,
             )
             for b, (h, w) in enumerate(batch.image_sizes)
         ]
+
+
+def fuse_kernels(
+    kernels: Tensor, bias: Tensor | None, scores: Tensor, labels: Tensor, sim_thresh: float
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """Panoptic FCN's kernel fusion (`dedup: kernel_fusion`, spec G15): merge duplicate kernels.
+
+    In score order, a kernel is a duplicate of an earlier one of the same class whose cosine
+    similarity to it (over the flattened weights) is at least `sim_thresh`. Each kernel joins the
+    first (highest-scoring) kernel it duplicates; a kernel that duplicates none is kept, and the
+    kernel put in its place is the mean of the kernels that joined it (itself included), with its
+    own score and class. A kernel whose first match is itself a duplicate is dropped, as in
+    Panoptic FCN's `ThingGenerator.kernel_fusion` (default threshold 0.9, class-specific). Biases,
+    which Panoptic FCN's 1x1 kernels lack, are averaged with their kernels and take no part in the
+    similarity. Every kernel counts as its own match (a zero kernel too).
+
+    Args:
+        kernels: FloatTensor[N, D, k, k] of one image; bias: FloatTensor[N] or None.
+        scores: FloatTensor[N]; labels: LongTensor[N].
+        sim_thresh: cosine similarity at or above which two kernels of one class are duplicates.
+
+    Returns:
+        (kernels [K, D, k, k], bias [K] or None, scores [K], labels [K]), by descending score.
+    """
+    if kernels.shape[0] == 0:
+        return kernels, bias, scores, labels
+    order = torch.argsort(scores, descending=True, stable=True)
+    flat = kernels[order].flatten(1)
+    unit = flat / flat.norm(dim=1, keepdim=True).clamp(min=1e-8)
+    labels_sorted = labels[order]
+    # match[i, j], i <= j: kernel j duplicates the (at least as high-scoring) kernel i
+    match = (unit @ unit.T >= sim_thresh) & (labels_sorted[:, None] == labels_sorted[None, :])
+    match = match.triu()
+    match.fill_diagonal_(True)
+    # per column, its first matching row (argmax returns the first maximum; the diagonal matches)
+    first = match.to(torch.uint8).argmax(dim=0)
+    kept = torch.nonzero(first == torch.arange(first.numel(), device=first.device)).flatten()
+    members = (first[None, :] == kept[:, None]).to(flat.dtype)  # [K, N]
+    counts = members.sum(dim=1, keepdim=True)
+    fused = (members @ flat / counts).reshape(-1, *kernels.shape[1:])
+    fused_bias = None if bias is None else (members @ bias[order][:, None] / counts).flatten()
+    return fused, fused_bias, scores[order][kept], labels_sorted[kept]
 
 
 def image_prediction(
@@ -397,12 +444,13 @@ def image_prediction(
         image_size: (h, w) of the image in input pixels.
         scale: stride of the logits (4; 1 for logits at input resolution).
         mask_logit_thresh: logit at which a thing pixel is in its mask.
-        dedup: "box_nms" | "none"; nms_thresh: IoU of the class-wise NMS.
+        dedup: "box_nms" | "none" ("kernel_fusion" merges the kernels before the conv, so its
+            masks come here as "none"); nms_thresh: IoU of the class-wise NMS.
         max_detections: instances kept (by score).
         sem_space: the class space of the stuff logits.
 
     Returns:
-        RawPrediction at (h, w) with full-image masks.
+        RawPrediction at (h, w), its thing masks as crops on their tight boxes (`mask_crops`).
     """
     h, w = image_size
     padded_size = (int(stuff_logits.shape[-2]) * scale, int(stuff_logits.shape[-1]) * scale)
@@ -479,9 +527,10 @@ def paste_mask_logits(
         oy, ox = (ey0 - wy0) * scale, (ex0 - wx0) * scale
         region = up[oy : oy + py1 - py0, ox : ox + px1 - px0]
         # the tight box from the float maxima (vectorised), then the mask on it alone
+        # (a NaN drops its row and its column: NaN logits, a diverged model, cannot raise here)
         rows = torch.nonzero(region.amax(dim=1) >= thresh).flatten().tolist()
-        if rows:
-            cols = torch.nonzero(region.amax(dim=0) >= thresh).flatten().tolist()
+        cols = torch.nonzero(region.amax(dim=0) >= thresh).flatten().tolist() if rows else []
+        if cols:
             r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
             crops[i] = region[r0:r1, c0:c1] >= thresh
             tight[i] = (px0 + c0, py0 + r0, px0 + c1, py0 + r1)
