@@ -111,6 +111,36 @@ def test_fc_kernels_equal_a_hand_built_kernel() -> None:
     torch.testing.assert_close(out[0, 2, 2], (phi[0, :, 1:4, 1:4] * fmap[0, :, 1:4, 2:5]).sum(), rtol=0, atol=1e-12)
 
 
+def test_fsm_levels_of_one_size_batched_equal_one_level_at_a_time() -> None:
+    """P2 and P3 (both stride 8) go through the shared towers as one batch; each level alone agrees."""
+    shapes = {"p2": (32, 8), "p3": (32, 8), "p4": (32, 16)}
+    torch.manual_seed(0)
+    fsm = FilterSamplingModule(
+        in_shapes=shapes,
+        in_features=["p2", "p3", "p4"],
+        num_things=3,
+        num_convs=2,
+        filter_channels=8,
+        panoptic_channels=4,
+    ).double()
+    for m in fsm.modules():  # weights large enough that a wrong pairing shows
+        if isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.weight, std=0.2)
+    g = torch.Generator().manual_seed(1)
+    sizes = [(60, 44), (64, 48)]
+    feats = {
+        name: torch.randn(2, 32, 64 // stride, 48 // stride, dtype=torch.float64, generator=g)
+        for name, (_, stride) in shapes.items()
+    }
+    logits, filters = fsm(feats, sizes)
+    for name, lg, fm in zip(fsm.in_features, logits, filters, strict=True):
+        x = feats[name]
+        stride = shapes[name][1]
+        torch.testing.assert_close(lg, fsm.class_head.cls_logits(fsm.class_head.conv(x)))
+        coords = coord_features(tuple(x.shape[-2:]), stride, sizes).double()
+        torch.testing.assert_close(fm, fsm.filter_out(fsm.filter_tower(torch.cat([x, coords], dim=1))))
+
+
 def test_coord_features_per_image_size() -> None:
     c = coord_features((4, 6), 8, [(32, 48), (16, 24)])
     assert c.shape == (2, 2, 4, 6)

@@ -131,17 +131,24 @@ class FilterSamplingModule(nn.Module):
             (class logits per level FloatTensor[B, T, H_l, W_l], filter maps per level
             FloatTensor[B, D_f, H_l, W_l]).
         """
-        logits, filters = [], []
-        for name, stride in zip(self.in_features, self.strides, strict=True):
-            x = features[name]
-            logits.append(self.class_head.cls_logits(self.class_head.conv(x)))
+        # The towers are shared over the levels and normalise per image (GroupNorm), so levels of
+        # one size and stride (P2 and P3, both at stride 8) run as one batch: fewer, larger convs,
+        # the same outputs.
+        groups: dict[tuple[int, int, int], list[int]] = {}
+        for i, (name, stride) in enumerate(zip(self.in_features, self.strides, strict=True)):
+            groups.setdefault((stride, *features[name].shape[-2:]), []).append(i)
+        per_level: dict[int, tuple[Tensor, Tensor]] = {}  # level -> (class logits, filter map)
+        for (stride, h, w), members in groups.items():
+            x = torch.cat([features[self.in_features[i]] for i in members])
+            group_logits = self.class_head.cls_logits(self.class_head.conv(x))
             if self.coords:
-                coords = coord_features((int(x.shape[-2]), int(x.shape[-1])), stride, image_sizes, device=x.device).to(
-                    x.dtype
-                )
-                x = torch.cat([x, coords], dim=1)
-            filters.append(self.filter_out(self.filter_tower(x)))
-        return logits, filters
+                coords = coord_features((h, w), stride, image_sizes, device=x.device).to(x.dtype)
+                x = torch.cat([x, coords.repeat(len(members), 1, 1, 1)], dim=1)
+            group_filters = self.filter_out(self.filter_tower(x))
+            chunks = zip(group_logits.chunk(len(members)), group_filters.chunk(len(members)), strict=True)
+            per_level.update(zip(members, chunks, strict=True))
+        levels = range(len(self.in_features))
+        return [per_level[i][0] for i in levels], [per_level[i][1] for i in levels]
 
     def kernels(
         self, filter_maps: Sequence[Tensor], level: Tensor, batch_index: Tensor, ys: Tensor, xs: Tensor
