@@ -262,8 +262,8 @@ def logit_boxes(logits: Tensor, thresh: float) -> Tensor:
     """FloatTensor[N, H, W] -> the `masks_to_boxes` boxes of `logits >= thresh`.
 
     A row (column) holds a pixel of the mask iff its largest value reaches `thresh`, so two max
-    reductions over the float maps replace the bool map and its two `any` reductions (about twice
-    as fast on the CPU: the float reductions are vectorised).
+    reductions over the float maps replace the bool map and its two `any` reductions (cheaper on
+    the CPU: no map is written, and the float reductions are vectorised).
     """
     if logits.shape[0] == 0:
         return torch.zeros((0, 4), dtype=torch.float32, device=logits.device)
