@@ -110,6 +110,22 @@ def test_label_stats_counts_every_label() -> None:
     assert label_stats(torch.zeros((0, 3), dtype=torch.long), 2)[0].tolist() == [0, 0]
 
 
+def test_label_stats_equal_a_naive_per_label_pass() -> None:
+    g = torch.Generator().manual_seed(0)
+    for h, w, bins in [(1, 1, 1), (7, 13, 6), (40, 33, 30), (64, 64, 3)]:
+        labels = torch.randint(0, bins, (h, w), generator=g)
+        labels[: h // 2, : w // 3] = 0  # a block, so that extents differ from the whole map
+        areas, bboxes = label_stats(labels.int(), bins + 2)  # two labels without pixels
+        for k in range(bins + 2):
+            ys, xs = torch.nonzero(labels == k, as_tuple=True)
+            assert int(areas[k]) == ys.numel()
+            want = [0, 0, 0, 0]
+            if ys.numel():
+                x0, y0 = int(xs.min()), int(ys.min())
+                want = [x0, y0, int(xs.max()) + 1 - x0, int(ys.max()) + 1 - y0]
+            assert bboxes[k].tolist() == want, (h, w, k)
+
+
 def test_target_stats_equal_segment_stats() -> None:
     """`PanopticTarget.from_panoptic` and `segment_stats` share one kernel and agree."""
     pan = torch.zeros((6, 8), dtype=torch.int32)
