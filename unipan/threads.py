@@ -11,15 +11,20 @@ Passive waiting (`OMP_WAIT_POLICY=PASSIVE`: sleep at once) removes that, but on 
 waking a sleeping thread is slow it makes every parallel region pay the wake-up, and a quiet step
 costs far more than with torch's default. A short spin (`GOMP_SPINCOUNT=3000`) keeps a thread awake
 across the back-to-back regions of one step and still gives the core up soon: beside a competing
-process it stays within the loaded target, as passive waiting does, at close to torch's quiet
-speed; longer spins fail the loaded target (`benchmarks/train_under_load.py` measures all of
+process it mostly stays within the loaded target, as passive waiting does, at close to torch's
+quiet speed; longer spins fail the loaded target (`benchmarks/train_under_load.py` measures all of
 these; the README has the numbers).
+
+The defaults name both: libgomp (the Linux wheels) takes an explicit `GOMP_SPINCOUNT` over the
+spin count that `OMP_WAIT_POLICY=PASSIVE` implies (zero), so it spins briefly; an OpenMP runtime
+that does not read `GOMP_SPINCOUNT` (LLVM's libomp, as in the macOS wheels) still reads the
+standard `OMP_WAIT_POLICY` and waits passively.
 
 libgomp reads its environment once, when it is loaded, which is when torch is first imported; so
 `configure_threads` has to run before that (the `unipan` command calls it before it imports
 anything that imports torch). A wait setting the user put in the environment always wins: when
-either `OMP_WAIT_POLICY` or `GOMP_SPINCOUNT` is set, nothing is added (a spin count would override
-the one `OMP_WAIT_POLICY` implies).
+any of `WAIT_VARIABLES` is set, nothing is added (our spin count would override the one the
+user's `OMP_WAIT_POLICY=ACTIVE` implies, our policy a libomp `KMP_BLOCKTIME`).
 
 This module must not import torch.
 """
@@ -33,10 +38,10 @@ from collections.abc import MutableMapping
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_THREAD_ENV: dict[str, str] = {"GOMP_SPINCOUNT": "3000"}
-"""Environment defaults for torch's OpenMP pool: idle threads spin briefly, then sleep."""
+DEFAULT_THREAD_ENV: dict[str, str] = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "3000"}
+"""Environment defaults for torch's OpenMP pool: idle threads spin briefly (libgomp), then sleep."""
 
-WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 """The variables that set how an idle OpenMP thread waits; the user's setting of either wins."""
 
 
