@@ -42,7 +42,7 @@ DEFAULT_THREAD_ENV: dict[str, str] = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCO
 """Environment defaults for torch's OpenMP pool: idle threads spin briefly (libgomp), then sleep."""
 
 WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
-"""The variables that set how an idle OpenMP thread waits; the user's setting of either wins."""
+"""The variables that set how an idle OpenMP thread waits; the user's setting of any of them wins."""
 
 
 def configure_threads(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:

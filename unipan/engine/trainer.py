@@ -354,8 +354,8 @@ def _train(  # noqa: C901 - the run set-up in order, kept whole until the step i
         # the `unipan` command sets the wait policy before torch loads (unipan.threads); a caller of
         # train() that imported torch first runs with torch's long-spinning OpenMP threads
         logger.info(
-            "no OpenMP wait setting (OMP_WAIT_POLICY, GOMP_SPINCOUNT) is set: torch's %d threads spin while "
-            "idle, so beside another CPU-bound process a step can cost several times its quiet time; set "
+            "no OpenMP wait setting (OMP_WAIT_POLICY, GOMP_SPINCOUNT, KMP_BLOCKTIME) is set: torch's %d threads spin "
+            "while idle, so beside another CPU-bound process a step can cost several times its quiet time; set "
             "OMP_WAIT_POLICY=PASSIVE GOMP_SPINCOUNT=3000 before importing torch (the unipan command does) "
             "or engine.num_threads=1",
             torch.get_num_threads(),
