@@ -11,7 +11,9 @@ printed too: on a shared machine the minimum is the closest to the uncontended t
 - fusion given the semantic argmax (`RawPrediction.sem_pred`), as detectron2's
   ``combine_semantic_and_instance_outputs`` receives it; target <= 30 ms on 2 CPU cores (the SPINet
   paper reports 310 ms of post-processing for UPSNet on a GPU machine);
-- fusion including the argmax of the 54 x 1024 x 2048 logits on the CPU.
+- fusion including the argmax of the 54 x 1024 x 2048 logits on the CPU;
+- that argmax alone, as `unipan.segments.semantic_argmax` computes it (`max(dim=0)`) beside
+  `torch.argmax(dim=0)` (the same indices), and their ratio.
 
 Run: ``python benchmarks/fusion_speed.py`` (about 15 s, most of it making the inputs and the
 argmax runs).
@@ -25,6 +27,7 @@ import torch
 from _common import median_ms, random_boxes
 
 from unipan.fusion.heuristic import heuristic_fusion
+from unipan.segments import semantic_argmax
 from unipan.structures import DatasetMeta, RawPrediction
 
 TARGET_MS = 30.0
@@ -90,6 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"fusion including the argmax of {meta.num_stuff + 1}x{args.size[0]}x{args.size[1]} logits: "
         f"median {ms_arg:.1f} ms over {args.argmax_runs} runs (min {min(times_arg):.1f})"
+    )
+    ms_ours, _ = median_ms(lambda: semantic_argmax(raw.sem_logits), args.argmax_runs, 1)
+    ms_torch, _ = median_ms(lambda: raw.sem_logits.argmax(dim=0), args.argmax_runs, 1)
+    print(
+        f"argmax alone: semantic_argmax {ms_ours:.1f} ms, torch.argmax(dim=0) {ms_torch:.1f} ms "
+        f"(ratio {ms_ours / ms_torch:.2f})"
     )
     return 0
 

@@ -15,6 +15,7 @@ from unipan.segments import (
     nearest_source_index,
     resize_result,
     segment_stats,
+    semantic_argmax,
     semantic_channels,
     stuff_mean_probs,
     to_semantic_space,
@@ -196,6 +197,21 @@ def test_to_semantic_space() -> None:
         to_semantic_space(torch.zeros(3), 2, "all")
     with pytest.raises(ValueError, match="sem_space"):
         to_semantic_space(sem, 2, "things")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_semantic_argmax_equals_argmax_with_ties_and_nan(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 3, (7, 33, 41), generator=g).to(dtype)  # about a third of the channels tie
+    logits[4, 0, 0] = logits[2, 0, 0] = float("nan")  # the first NaN wins, as in argmax
+    logits[5, 1, 1] = float("inf")
+    logits[:, 2, 2] = float("-inf")  # all equal: channel 0
+    pred = semantic_argmax(logits)
+    assert pred.dtype == torch.long and pred.shape == (33, 41)
+    assert torch.equal(pred, logits.argmax(dim=0))
+    assert (pred[0, 0], pred[1, 1], pred[2, 2]) == (2, 5, 0)
+    view = logits.transpose(1, 2)  # a non-contiguous view
+    assert torch.equal(semantic_argmax(view), view.argmax(dim=0))
 
 
 def test_stuff_mean_probs() -> None:

@@ -282,7 +282,7 @@ class _Accumulator:
 
     def _add_semantic_head(self, raw: RawPrediction, gt: _GroundTruth, size: tuple[int, int], image_id: str) -> None:
         from unipan.evaluation.semantic import SemSegStat
-        from unipan.segments import semantic_channels, to_semantic_space
+        from unipan.segments import semantic_argmax, semantic_channels, to_semantic_space
 
         if self.sem_space is None:
             self.sem_space = raw.sem_space
@@ -292,7 +292,7 @@ class _Accumulator:
                 f"image {image_id!r}: semantic logits in class space {raw.sem_space!r}, earlier images "
                 f"in {self.sem_space!r}"
             )
-        sem_pred = raw.sem_pred if raw.sem_pred is not None else raw.sem_logits.argmax(dim=0)
+        sem_pred = raw.sem_pred if raw.sem_pred is not None else semantic_argmax(raw.sem_logits)
         pred = _resize_labels(sem_pred.detach().cpu().long(), size)
         target = to_semantic_space(gt.sem_seg, self.meta.num_stuff, raw.sem_space)
         self.sem_head.update(target, pred, image_id=image_id)

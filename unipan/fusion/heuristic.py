@@ -47,7 +47,13 @@ import torch
 from torch import Tensor
 
 from unipan.fusion.paste import iter_paste_masks_in_boxes
-from unipan.segments import area_at_input_size, label_stats, semantic_channels, stuff_mean_probs
+from unipan.segments import (
+    area_at_input_size,
+    label_stats,
+    semantic_argmax,
+    semantic_channels,
+    stuff_mean_probs,
+)
 from unipan.structures import DatasetMeta, PanopticResult, RawPrediction, SegmentInfo, masks_to_boxes
 
 __all__ = ["heuristic_fusion"]
@@ -175,7 +181,7 @@ def heuristic_fusion(
             `raw.mask_crops` or `raw.masks` (BoolTensor[N, h, w]) when given, else from `raw.mask_probs`
             (FloatTensor[N, M, M]) pasted into `raw.boxes` (detectron2 geometry) and
             binarised at `mask_thresh`. The semantic argmax is `raw.sem_pred` when given, else
-            `raw.sem_logits.argmax(0)`; values >= S (the "things" channel, or thing classes in
+            `semantic_argmax(raw.sem_logits)`; values >= S (the "things" channel, or thing classes in
             the "all" space) are never stuff.
         meta: the dataset's classes (labels are thing indices, semantic channels < S are stuff
             indices).
@@ -218,7 +224,7 @@ def heuristic_fusion(
     if raw.sem_pred is not None:
         work = raw.sem_pred.to(device=device, dtype=torch.long, copy=True)  # written below
     else:
-        work = raw.sem_logits.argmax(dim=0)
+        work = semantic_argmax(raw.sem_logits)
     things: list[tuple[int, float]] = []  # (thing_index, score) per placed instance, id = position + 1
     thing_areas: list[int] = []
     if order.numel():

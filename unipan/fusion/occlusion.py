@@ -34,7 +34,7 @@ from torch import Tensor
 
 from unipan.fusion.heuristic import _check_sem_pred, _instance_windows, _validate
 from unipan.fusion.unknown_erasing import unknown_erasing
-from unipan.segments import area_at_input_size, label_stats, stuff_mean_probs
+from unipan.segments import area_at_input_size, label_stats, semantic_argmax, stuff_mean_probs
 from unipan.structures import DatasetMeta, PanopticResult, RawPrediction, SegmentInfo
 
 __all__ = [
@@ -313,7 +313,7 @@ def occlusion_fusion(  # noqa: C901 - one pass over the instances, then one over
     if raw.sem_pred is not None:
         work = raw.sem_pred.to(device=device, dtype=torch.long, copy=True)  # written below
     else:
-        work = raw.sem_logits.argmax(dim=0)
+        work = semantic_argmax(raw.sem_logits)
     if unknown_erasing:
         erased = unknown_erasing_mask(raw, meta, ue_threshold, ue_dilation)
         # S is never a stuff class in any space: erased pixels end void unless a thing covers them

@@ -45,7 +45,7 @@ from unipan.modeling.heads.roi_mask import MaskHead
 from unipan.modeling.heads.semantic_fpn import SemanticFPNHead
 from unipan.modeling.layers.losses import semantic_loss, upsample_logits
 from unipan.modeling.meta_arch import Fusion, PanopticModel, check_sem_seg
-from unipan.segments import to_semantic_space
+from unipan.segments import semantic_argmax, to_semantic_space
 from unipan.structures import Batch, DatasetMeta, RawPrediction, SemSpace
 
 __all__ = ["BG_CLASSES", "TABLE1_ROWS", "AUNet", "build_aunet"]
@@ -272,7 +272,7 @@ class AUNet(PanopticModel):
                     sem_logits=image_logits,
                     mask_probs=det["mask_probs"],
                     sem_space=self.sem_space,
-                    sem_pred=image_logits.argmax(dim=0),
+                    sem_pred=semantic_argmax(image_logits),
                     extras=extras,
                 )
             )

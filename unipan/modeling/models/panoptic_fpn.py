@@ -21,7 +21,7 @@ from unipan.modeling.heads.instance import InstanceBranch, InstanceOutputs, buil
 from unipan.modeling.heads.semantic_fpn import SemanticFPNHead
 from unipan.modeling.layers.losses import semantic_loss, upsample_logits
 from unipan.modeling.meta_arch import Fusion, PanopticModel, check_sem_seg
-from unipan.segments import to_semantic_space
+from unipan.segments import semantic_argmax, to_semantic_space
 from unipan.structures import Batch, DatasetMeta, RawPrediction
 
 __all__ = ["PanopticFPN", "build_panoptic_fpn"]
@@ -104,7 +104,7 @@ class PanopticFPN(PanopticModel):
                     sem_logits=logits,
                     mask_probs=det["mask_probs"],
                     sem_space="stuff+things",
-                    sem_pred=logits.argmax(dim=0),
+                    sem_pred=semantic_argmax(logits),
                     extras={"mask_logits": det["mask_logits"]},
                 )
             )

@@ -41,6 +41,7 @@ from unipan.modeling.heads.semantic_fpn import SemanticFPNHead
 from unipan.modeling.layers.losses import semantic_loss, upsample_logits
 from unipan.modeling.layers.roi_align import MultiScaleRoIAlign, roi_align
 from unipan.modeling.meta_arch import Fusion, PanopticModel, check_sem_seg
+from unipan.segments import semantic_argmax
 from unipan.structures import Batch, DatasetMeta, PanopticTarget, RawPrediction
 
 __all__ = ["REFINE", "build_refine"]
@@ -273,7 +274,7 @@ class REFINE(PanopticModel):
                     sem_logits=logits,
                     mask_probs=image_probs,
                     sem_space="all",
-                    sem_pred=logits.argmax(dim=0),
+                    sem_pred=semantic_argmax(logits),
                     extras={"mask_logits": image_logits},
                 )
             )

@@ -39,7 +39,7 @@ from unipan.modeling.heads.spatialflow_towers import SpatialFlowTowers, TowerOut
 from unipan.modeling.layers.losses import semantic_loss, upsample_logits
 from unipan.modeling.layers.modulated_deform_conv import ModulatedDeformConvPack
 from unipan.modeling.meta_arch import Fusion, PanopticModel, check_sem_seg
-from unipan.segments import semantic_channels, to_semantic_space
+from unipan.segments import semantic_argmax, semantic_channels, to_semantic_space
 from unipan.structures import Batch, DatasetMeta, PanopticTarget, RawPrediction, SemSpace
 
 __all__ = ["DETECTOR_LEVELS", "SEGMENTATION_FEATURES", "SpatialFlow", "build_spatialflow", "convert_trunk_to_dcn"]
@@ -268,7 +268,7 @@ class SpatialFlow(PanopticModel):
                     sem_logits=logits,
                     mask_probs=per_image[i].sigmoid(),
                     sem_space=self.stuff_space,
-                    sem_pred=logits.argmax(dim=0),
+                    sem_pred=semantic_argmax(logits),
                     extras={"mask_logits": per_image[i]},
                 )
             )

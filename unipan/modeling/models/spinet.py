@@ -44,7 +44,7 @@ from unipan.modeling.layers.losses import (
     upsample_logits,
 )
 from unipan.modeling.meta_arch import Fusion, PanopticModel, check_sem_seg
-from unipan.segments import to_semantic_space
+from unipan.segments import semantic_argmax, to_semantic_space
 from unipan.structures import Batch, DatasetMeta, PanopticTarget, RawPrediction, SemSpace, logit_boxes
 
 __all__ = ["SPINet", "build_spinet", "fuse_kernels", "image_prediction", "paste_mask_logits"]
@@ -469,7 +469,7 @@ def image_prediction(
         sem_logits=sem_logits,
         mask_crops=crops,
         sem_space=sem_space,
-        sem_pred=sem_logits.argmax(dim=0),
+        sem_pred=semantic_argmax(sem_logits),
     )
 
 
