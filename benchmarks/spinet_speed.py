@@ -7,13 +7,17 @@ them all), `--threads` CPU threads, median of `--runs` timed rounds after one wa
 models take turns). The paper (TITAN XP): SPINet 171 + 30 ms, UPSNet 191 + 310 ms.
 
 "Post" is what follows the network's tensors, alike for the three models: the masks' way from the
-network's resolution into the image, the duplicate removal and the fusion. For UPSNet and Panoptic
-FPN that is `model.fuse` (pasting the 28 x 28 RoI masks into their boxes, then UPSNet's panoptic
-head or the heuristic); for SPINet it is the tail of `image_prediction` that its
-`raw_predictions` runs (the boxes of the stride-4 masks, their class-wise NMS and the bilinear
-upsampling of each kept mask near its box, timed by wrapping those three calls) plus `model.fuse`.
-"Network" is the rest of `model.raw_predictions` (for every model the semantic logits' upsampling
-to the image included).
+network's resolution into the image, the duplicate removal, the semantic argmax and the fusion.
+For UPSNet that is `model.fuse` (pasting the 28 x 28 RoI masks into their boxes, then its panoptic
+head, whose argmax over the stuff and thing logits also gives the semantic argmax); for Panoptic
+FPN the `semantic_argmax` its `raw_predictions` runs plus `model.fuse` (pasting, then the
+heuristic); for SPINet the tail of `image_prediction` that its `raw_predictions` runs (the boxes of
+the stride-4 masks, their class-wise NMS, the bilinear upsampling of each kept mask near its box
+and the semantic argmax) plus `model.fuse`. These calls are timed by wrapping them in their
+modules. "Network" is the rest of `model.raw_predictions` (for every model the semantic logits'
+upsampling to the image included). The semantic argmax is also printed on its own: an earlier
+version of this benchmark counted it as network for SPINet and Panoptic FPN, though UPSNet's is
+inside its fusion.
 
 Random weights make SPINet's thing masks image-sized blobs (a random kernel is positive on about
 half of a random feature), the worst case of its post-processing; a trained model's masks are
@@ -43,6 +47,7 @@ from unipan.app import config_dir
 from unipan.config import load_config
 from unipan.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from unipan.modeling.meta_arch import PanopticModel
+from unipan.modeling.models import panoptic_fpn as panoptic_fpn_module
 from unipan.modeling.models import spinet as spinet_module
 from unipan.modeling.registry import build_model
 from unipan.structures import Batch
@@ -52,31 +57,41 @@ MODELS = ("spinet", "upsnet", "panoptic_fpn")
 # 4 levels x 25 = 100 candidates; random kernels give near-identical masks that the mask-box NMS
 # would merge into a few: an IoU threshold of 1 keeps all 100 for the fusion, as the other models'
 OVERRIDES = {"spinet": ["model.spinet.pre_topk=25", "model.spinet.nms_thresh=1.0"]}
-# SPINet's post-processing inside `image_prediction`: mask boxes, their NMS, the masks' upsampling
-TAIL = ("logit_boxes", "batched_nms", "paste_mask_logits")
+# post-processing that runs inside `raw_predictions`, by model: (module, the globals it calls)
+# SPINet's `image_prediction`: mask boxes, their NMS, the masks' upsampling, the semantic argmax
+TAILS: dict[str, tuple[Any, tuple[str, ...]]] = {
+    "spinet": (spinet_module, ("logit_boxes", "batched_nms", "paste_mask_logits", "semantic_argmax")),
+    "upsnet": (None, ()),
+    "panoptic_fpn": (panoptic_fpn_module, ("semantic_argmax",)),
+}
 
 
-class SPINetTail:
-    """Within `with`: the ms SPINet spends in its inference tail, and the last `image_prediction` call.
+class Tail:
+    """Within `with`: the ms spent in the post-processing calls of `TAILS[model]` (and, of it, in
+    `semantic_argmax`), and SPINet's last `image_prediction` call.
 
-    Wraps the module globals `image_prediction` calls (and `image_prediction` itself, to keep its
-    arguments), restoring them on exit.
+    Wraps the module globals (and SPINet's `image_prediction`, to keep its arguments), restoring
+    them on exit.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, model: str) -> None:
+        self.module, self.names = TAILS[model]
+        if model == "spinet":
+            self.names = (*self.names, "image_prediction")
         self.ms = 0.0
+        self.argmax_ms = 0.0
         self.call: tuple[tuple[Any, ...], dict[str, Any]] | None = None
         self._saved: dict[str, Callable[..., Any]] = {}
 
-    def __enter__(self) -> SPINetTail:
-        for name in (*TAIL, "image_prediction"):
-            self._saved[name] = getattr(spinet_module, name)
-            setattr(spinet_module, name, self._wrap(name, self._saved[name]))
+    def __enter__(self) -> Tail:
+        for name in self.names:
+            self._saved[name] = getattr(self.module, name)
+            setattr(self.module, name, self._wrap(name, self._saved[name]))
         return self
 
     def __exit__(self, *exc: object) -> None:
         for name, fn in self._saved.items():
-            setattr(spinet_module, name, fn)
+            setattr(self.module, name, fn)
 
     def _wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def wrapped(*args: Any, **kwargs: Any) -> Any:
@@ -85,7 +100,10 @@ class SPINetTail:
                 return fn(*args, **kwargs)
             t0 = time.perf_counter()
             out = fn(*args, **kwargs)
-            self.ms += (time.perf_counter() - t0) * 1e3
+            ms = (time.perf_counter() - t0) * 1e3
+            self.ms += ms
+            if name == "semantic_argmax":
+                self.argmax_ms += ms
             return out
 
         return wrapped
@@ -131,12 +149,14 @@ def main() -> None:
     # during the benchmark reaches every model alike; the first round is the warm-up
     net: dict[str, list[float]] = {name: [] for name in MODELS}
     post: dict[str, list[float]] = {name: [] for name in MODELS}
+    argmax: dict[str, list[float]] = {name: [] for name in MODELS}
     obj_post: list[float] = []
+    obj_argmax: list[float] = []
     counts = {}
     with torch.inference_mode():
         for _ in range(args.runs + 1):
             for name, model in models.items():
-                with SPINetTail() as tail:
+                with Tail(name) as tail:
                     t0 = time.perf_counter()
                     (raw,) = model.raw_predictions(batch)
                     t1 = time.perf_counter()
@@ -144,10 +164,13 @@ def main() -> None:
                 t2 = time.perf_counter()
                 net[name].append((t1 - t0) * 1e3 - tail.ms)
                 post[name].append((t2 - t1) * 1e3 + tail.ms)
+                argmax[name].append(tail.argmax_ms)
                 counts[name] = len(raw)
                 if name == "spinet":
-                    assert tail.call is not None and tail.ms > 0
-                    obj_post.append(_object_sized_post(models["spinet"], tail.call, meta, (h, w)))
+                    assert tail.call is not None and tail.argmax_ms > 0
+                    obj_ms, obj_argmax_ms = _object_sized_post(models["spinet"], tail.call, meta, (h, w))
+                    obj_post.append(obj_ms)
+                    obj_argmax.append(obj_argmax_ms)
     rows = {
         name: (
             statistics.median(net[name][1:]),
@@ -177,22 +200,30 @@ def main() -> None:
         f"SPINet post on 100 object-sized masks: {obj_ms:.0f} ms = {obj_ms / u_post:.3f} x UPSNet's post "
         f"(target <= 0.2: {'met' if obj_ms <= 0.2 * u_post else 'NOT met'})"
     )
+    s_arg, p_arg = (statistics.median(argmax[name][1:]) for name in ("spinet", "panoptic_fpn"))
+    obj_rest = statistics.median(t - a for t, a in zip(obj_post[1:], obj_argmax[1:], strict=True))
+    print(
+        f"of the post, the semantic argmax: SPINet {s_arg:.0f} ms, Panoptic FPN {p_arg:.0f} ms (UPSNet's is "
+        f"inside its panoptic head); SPINet's post without it on object-sized masks: {obj_rest:.0f} ms = "
+        f"{obj_rest / u_post:.3f} x UPSNet's post"
+    )
     print("paper (TITAN XP): SPINet 171 + 30 = 201 ms, UPSNet 191 + 310 = 501 ms; post ratio 0.097")
 
 
 def _object_sized_post(
     model: PanopticModel, call: tuple[tuple[Any, ...], dict[str, Any]], meta: object, size: tuple[int, int]
-) -> float:
-    """ms of SPINet's post-processing (tail + fusion) with object-sized thing logits in its last call."""
+) -> tuple[float, float]:
+    """ms of SPINet's post-processing (tail + fusion) with object-sized thing logits in its last call,
+    and of it the semantic argmax."""
     (thing_logits, stuff_logits, scores, labels, image_size), kwargs = call
     objects = object_sized_logits(size, len(scores), kwargs["scale"])
     objects = objects[:, : thing_logits.shape[-2], : thing_logits.shape[-1]]
     labels = torch.randint(0, 8, labels.shape, generator=torch.Generator().manual_seed(0))
-    with SPINetTail() as tail:
+    with Tail("spinet") as tail:
         raw = spinet_module.image_prediction(objects, stuff_logits, scores, labels, image_size, **kwargs)
     t0 = time.perf_counter()
     model.fuse(raw, meta, image_id="bench", original_size=size)  # type: ignore[arg-type]
-    return (time.perf_counter() - t0) * 1e3 + tail.ms
+    return (time.perf_counter() - t0) * 1e3 + tail.ms, tail.argmax_ms
 
 
 if __name__ == "__main__":
