@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU readiness of unipan, in one run: install the project, run the CUDA tests, time 100 AMP
 # training iterations of every registered model at 800x1216 with batch 2 (random init, synthetic
-# scenes), run benchmarks/inference_speed.py on CUDA, and print one table (model, train s/iter,
-# inference ms, peak memory).
+# scenes), run benchmarks/inference_speed.py and benchmarks/spinet_speed.py (SPINet's Table 2:
+# network and post-processing beside UPSNet at 1024x2048) on CUDA, and print one table (model,
+# train s/iter, inference ms, peak memory).
 #
 #   bash benchmarks/gpu_check.sh                       # on a CUDA machine
 #   bash benchmarks/gpu_check.sh --no-install          # the project is installed already
@@ -39,12 +40,14 @@ mkdir -p "$OUT"
 SMOKE=0
 INFER_MODELS=()
 BENCH_SMOKE=()
+SPINET_SPEED=(--runs "$INFER_RUNS")
 if [ "$DEVICE" = cpu ]; then
     SMOKE=1
     INFER_RUNS=1
     # one model beside torchvision's Mask R-CNN: every model at 800x1216 takes minutes on a CPU
     INFER_MODELS=(--models panoptic_fpn)
     BENCH_SMOKE=(--warmup 1 --infer-runs 1)
+    SPINET_SPEED=(--runs 1 --size 256 512)
     [ "$INSTALL" = auto ] && INSTALL=no
 fi
 
@@ -101,6 +104,10 @@ step "benchmarks/inference_speed.py --device $DEVICE"
 "$PY" benchmarks/inference_speed.py --device "$DEVICE" --runs "$INFER_RUNS" "${INFER_MODELS[@]}" 2>&1 \
     | tee "$OUT/inference_speed.txt"
 [ "${PIPESTATUS[0]}" = 0 ] || die "inference_speed.py failed; see $OUT/inference_speed.txt"
+
+step "benchmarks/spinet_speed.py --device $DEVICE"
+"$PY" benchmarks/spinet_speed.py --device "$DEVICE" "${SPINET_SPEED[@]}" 2>&1 | tee "$OUT/spinet_speed.txt"
+[ "${PIPESTATUS[0]}" = 0 ] || die "spinet_speed.py failed; see $OUT/spinet_speed.txt"
 
 # --- 4. AMP training and inference of every model: the table -------------------------------------
 step "training ($ITERS iterations, batch 2, ${SIZE_H}x${SIZE_W}) and inference of every registered model"

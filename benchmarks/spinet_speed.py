@@ -27,7 +27,11 @@ logits, beside its own stuff logits.
 
 Targets: SPINet's total below UPSNet's; SPINet's post-processing <= 0.2 x UPSNet's.
 
-Run: ``python benchmarks/spinet_speed.py [--runs 3] [--threads 2]``
+On CUDA (``--device cuda``, `benchmarks/gpu_check.sh` runs it) every time is taken after
+`torch.cuda.synchronize()`, the wrapped calls' too, so the split is the same; the paper's setting is
+a GPU one. ``--size`` sets another image size (the smoke mode of `gpu_check.sh` uses a small one).
+
+Run: ``python benchmarks/spinet_speed.py [--runs 3] [--threads 2] [--device cpu|cuda] [--size 1024 2048]``
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from unipan.modeling.registry import build_model
 from unipan.structures import Batch
 
 IMAGE_SIZE = (1024, 2048)
+DEVICE = torch.device("cpu")  # set by `main`; `now` synchronises CUDA before reading the clock
 MODELS = ("spinet", "upsnet", "panoptic_fpn")
 # 4 levels x 25 = 100 candidates; random kernels give near-identical masks that the mask-box NMS
 # would merge into a few: an IoU threshold of 1 keeps all 100 for the fusion, as the other models'
@@ -64,6 +69,13 @@ TAILS: dict[str, tuple[Any, tuple[str, ...]]] = {
     "upsnet": (None, ()),
     "panoptic_fpn": (panoptic_fpn_module, ("semantic_argmax",)),
 }
+
+
+def now() -> float:
+    """`time.perf_counter()` once the work queued on `DEVICE` has finished."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+    return time.perf_counter()
 
 
 class Tail:
@@ -98,9 +110,9 @@ class Tail:
             if name == "image_prediction":
                 self.call = (args, kwargs)
                 return fn(*args, **kwargs)
-            t0 = time.perf_counter()
+            t0 = now()
             out = fn(*args, **kwargs)
-            ms = (time.perf_counter() - t0) * 1e3
+            ms = (now() - t0) * 1e3
             self.ms += ms
             if name == "semantic_argmax":
                 self.argmax_ms += ms
@@ -125,24 +137,35 @@ def object_sized_logits(size: tuple[int, int], n: int = 100, scale: int = 4) -> 
 
 
 def main() -> None:
+    global DEVICE
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3, help="timed rounds (median is reported)")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    ap.add_argument("--device", default="cpu", help="cpu (default) | cuda (benchmarks/gpu_check.sh)")
+    ap.add_argument("--size", type=int, nargs=2, default=list(IMAGE_SIZE), metavar=("H", "W"))
     args = ap.parse_args()
+    if args.runs < 1:
+        ap.error("--runs must be at least 1")
+    if min(args.size) < 64 or args.size[0] % 32 or args.size[1] % 32:
+        ap.error(f"--size {args.size[0]} {args.size[1]}: each side must be a multiple of 32, at least 64")
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch.cuda.is_available() is False")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     meta = cityscapes_sized_meta()
-    h, w = IMAGE_SIZE
+    h, w = args.size
     image = (torch.rand(3, h, w) * 255 - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(
         3, 1, 1
     )
+    image = image.to(DEVICE)
     batch = Batch(images=image[None], image_sizes=[(h, w)], image_ids=["bench"], original_sizes=[(h, w)])
     models = {}
     for name in MODELS:
         cfg = load_config(
             config_dir() / name / "r50_cityscapes.yaml", [*BENCH_OVERRIDES.get(name, []), *OVERRIDES.get(name, [])]
         )
-        model = build_model(cfg, meta).eval()
+        model = build_model(cfg, meta).eval().to(DEVICE)
         assert isinstance(model, PanopticModel)
         models[name] = model
     # interleaved (one round of every model, then the next), so that a change of the machine's load
@@ -157,11 +180,11 @@ def main() -> None:
         for _ in range(args.runs + 1):
             for name, model in models.items():
                 with Tail(name) as tail:
-                    t0 = time.perf_counter()
+                    t0 = now()
                     (raw,) = model.raw_predictions(batch)
-                    t1 = time.perf_counter()
+                    t1 = now()
                 model.fuse(raw, meta, image_id="bench", original_size=(h, w))
-                t2 = time.perf_counter()
+                t2 = now()
                 net[name].append((t1 - t0) * 1e3 - tail.ms)
                 post[name].append((t2 - t1) * 1e3 + tail.ms)
                 argmax[name].append(tail.argmax_ms)
@@ -181,8 +204,8 @@ def main() -> None:
         for name, model in models.items()
     }
     print(
-        f"\n{h}x{w}, 19 classes, {args.threads} threads, median of {args.runs} rounds after 1 warm-up round, "
-        "random weights\n"
+        f"\n{h}x{w}, 19 classes, {DEVICE.type} ({args.threads} CPU threads), median of {args.runs} rounds "
+        "after 1 warm-up round, random weights\n"
     )
     header = f"{'model (R50, Cityscapes config)':<32}{'network ms':>12}{'post ms':>10}{'total ms':>10}"
     print(f"{header}{'inst':>6}{'params M':>10}")
@@ -217,13 +240,13 @@ def _object_sized_post(
     and of it the semantic argmax."""
     (thing_logits, stuff_logits, scores, labels, image_size), kwargs = call
     objects = object_sized_logits(size, len(scores), kwargs["scale"])
-    objects = objects[:, : thing_logits.shape[-2], : thing_logits.shape[-1]]
-    labels = torch.randint(0, 8, labels.shape, generator=torch.Generator().manual_seed(0))
+    objects = objects[:, : thing_logits.shape[-2], : thing_logits.shape[-1]].to(thing_logits.device)
+    labels = torch.randint(0, 8, labels.shape, generator=torch.Generator().manual_seed(0)).to(labels.device)
     with Tail("spinet") as tail:
         raw = spinet_module.image_prediction(objects, stuff_logits, scores, labels, image_size, **kwargs)
-    t0 = time.perf_counter()
+    t0 = now()
     model.fuse(raw, meta, image_id="bench", original_size=size)  # type: ignore[arg-type]
-    return (time.perf_counter() - t0) * 1e3 + tail.ms, tail.argmax_ms
+    return (now() - t0) * 1e3 + tail.ms, tail.argmax_ms
 
 
 if __name__ == "__main__":

@@ -202,7 +202,7 @@ def test_to_semantic_space() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_semantic_argmax_equals_argmax_with_ties_and_nan(dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(0)
-    logits = torch.randint(0, 3, (7, 33, 41), generator=g).to(dtype)  # about a third of the channels tie
+    logits = torch.randint(0, 3, (7, 33, 41), generator=g).to(dtype)  # values 0..2: most pixels have tied maxima
     logits[4, 0, 0] = logits[2, 0, 0] = float("nan")  # the first NaN wins, as in argmax
     logits[5, 1, 1] = float("inf")
     logits[:, 2, 2] = float("-inf")  # all equal: channel 0
