@@ -26,7 +26,7 @@ from unipan.modeling.heads.instance import (
     torchvision_targets,
 )
 from unipan.modeling.heads.roi_box import build_box_head
-from unipan.modeling.heads.roi_mask import MaskHead, build_mask_head
+from unipan.modeling.heads.roi_mask import MaskHead, build_mask_head, mask_rcnn_targets
 from unipan.modeling.heads.rpn import build_rpn
 from unipan.modeling.layers import require_features
 from unipan.structures import Batch, DatasetMeta, PanopticTarget
@@ -208,6 +208,41 @@ def test_mask_loss(setup: Setup) -> None:
     assert loss.ndim == 0 and float(loss.detach()) > 0
     empty = head.loss(logits[:0], [t.boxes[:0]], [t.labels[:0]], [torch.arange(0)], [t.masks])
     assert float(empty.detach()) == 0.0 and empty.requires_grad
+
+
+def test_mask_targets_soft_and_binary_by_hand() -> None:
+    """An 8 x 8 box over a mask of its columns 0..4 and every row, M = 4 (2 x 2 px bins).
+
+    torchvision's RoIAlign (aligned=False, 2 x 2 samples at bin offsets 0.5 and 1.5 px, pixel j at
+    coordinate j): the third bin's samples at x = 8.5 and 9.5 read 1/2 and 0 (mean 1/4); the last
+    row's samples at y = 10.5 and 11.5 read 1 and 1/2 (mean 3/4). Thresholded at 0.5: 1, 1, 0, 0.
+    """
+    mask = torch.zeros(1, 16, 16, dtype=torch.bool)
+    mask[0, 4:12, 4:9] = True
+    box = torch.tensor([[4.0, 4.0, 12.0, 12.0]])
+    soft = mask_rcnn_targets([box], [torch.tensor([0])], [mask], 4)
+    binary = mask_rcnn_targets([box], [torch.tensor([0])], [mask], 4, binarize=True)
+    row, last = [1.0, 1.0, 0.25, 0.0], [0.75, 0.75, 0.1875, 0.0]
+    torch.testing.assert_close(soft, torch.tensor([[row, row, row, last]]))
+    torch.testing.assert_close(binary, torch.tensor([[[1.0, 1.0, 0.0, 0.0]] * 4]))
+    empty = mask_rcnn_targets([box[:0]], [torch.tensor([], dtype=torch.long)], [mask], 4, binarize=True)
+    assert empty.shape == (0, 4, 4)
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_mask_loss_uses_the_configured_targets(setup: Setup, binary: bool) -> None:
+    """`MaskHeadConfig.binary_targets` reaches the loss: BCE against the soft or thresholded crops."""
+    head = build_mask_head(MaskHeadConfig(num_convs=0, binary_targets=binary), setup.shapes, setup.meta.num_things)
+    assert head.binary_targets is binary
+    t = setup.targets[0]
+    rois = [t.boxes[:3] + torch.tensor([1.5, -2.0, 3.0, 0.5])]  # off the GT boxes: soft crop edges
+    logits = torch.randn(3, head.num_things, 28, 28)
+    soft = mask_rcnn_targets(rois, [torch.arange(3)], [t.masks], 28)
+    assert bool(((soft > 0) & (soft < 1)).any())
+    expected_targets = (soft >= 0.5).float() if binary else soft
+    own = MaskHead.select_class(logits, t.labels[:3])
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(own, expected_targets)
+    torch.testing.assert_close(head.loss(logits, rois, [t.labels[:3]], [torch.arange(3)], [t.masks]), expected)
 
 
 def test_classify_boxes(setup: Setup) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -107,6 +108,33 @@ def test_stage_loss_weights_scale_each_iteration() -> None:
     torch.testing.assert_close(scaled["loss_mask_t2"], full["loss_mask_t2"] * 0.2)
     torch.testing.assert_close(scaled["loss_sem_seg_t2"], full["loss_sem_seg_t2"] * 0.1)
     torch.testing.assert_close(scaled["loss_sem_seg"], full["loss_sem_seg"] * 0.5)
+
+
+def test_binary_mask_targets_reach_the_ibpp_losses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`model.mask_head.binary_targets` thresholds the targets of every IBPP iteration's loss."""
+    import unipan.modeling.models.refine as refine_module
+
+    original = refine_module.mask_rcnn_targets
+    seen: list[torch.Tensor] = []
+
+    def spy(*args: Any, **kwargs: Any) -> torch.Tensor:
+        out = original(*args, **kwargs)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(refine_module, "mask_rcnn_targets", spy)
+    batch, meta = synth_batch(1, size=(64, 64))
+    losses = {}
+    for binary in (False, True):
+        model = tiny(meta, "model.refine.ibpp_iterations=2", f"model.mask_head.binary_targets={binary}").train()
+        assert model.binary_mask_targets is binary
+        seen.clear()
+        torch.manual_seed(3)
+        losses[binary] = model(batch)
+        assert len(seen) == 1 and seen[0].numel()
+        values = set(seen[0].unique().tolist())
+        assert values <= {0.0, 1.0} if binary else values - {0.0, 1.0}
+    assert float(losses[True]["loss_mask_t1"].detach()) != float(losses[False]["loss_mask_t1"].detach())
 
 
 def test_images_without_instances_have_zero_instance_losses() -> None:

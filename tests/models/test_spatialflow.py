@@ -125,6 +125,8 @@ def test_paper_config_values() -> None:
     assert (s.nms_pre, s.score_thresh, s.nms_thresh, s.max_detections) == (1000, 0.05, 0.4, 100)
     assert (s.fg_iou_thresh, s.bg_iou_thresh, s.anchor_octave_base, s.mask_canonical_scale) == (0.5, 0.4, 4.0, 112)
     assert m.stuff.loss_weight == 0.25 and m.mask_head.sampling_ratio == 0
+    # the released code's mask targets are thresholded at 0.5 (the spec's mask head, §3.3)
+    assert m.mask_head.binary_targets
     assert dataclasses.asdict(m.fusion) == {
         "instance_score_thresh": 0.37,
         "overlap_thresh": 0.37,
@@ -151,7 +153,9 @@ def test_paper_config_values() -> None:
         0.5,
     )
     assert (city.solver.lr, city.solver.max_iter, city.solver.steps) == (0.0125, 65472, [41664, 56544])
-    assert load_config(CONFIGS / "tiny_synth.yaml").model.fusion.box_fill_thresh == 0.0
+    assert city.model.mask_head.binary_targets and coco600.model.mask_head.binary_targets
+    tiny_cfg = load_config(CONFIGS / "tiny_synth.yaml")  # the demo's: soft targets (its header)
+    assert tiny_cfg.model.fusion.box_fill_thresh == 0.0 and not tiny_cfg.model.mask_head.binary_targets
 
 
 # --- training -------------------------------------------------------------------------------------------
@@ -200,7 +204,13 @@ def test_mask_rois_are_detections_plus_every_gt_box() -> None:
         for gt in target.boxes:
             assert bool((boxes == gt).all(dim=1).any())
     # without the GT boxes and without detections, no RoI: the loss is 0 and keeps its graph
-    model = small_model(meta, "model.spatialflow.mask_gt_boxes=false", "model.spatialflow.score_thresh=1.0").train()
+    model = small_model(
+        meta,
+        "model.spatialflow.mask_gt_boxes=false",
+        "model.spatialflow.score_thresh=1.0",
+        "model.mask_head.binary_targets=true",  # the paper configs' targets reach the head
+    ).train()
+    assert model.mask_head.binary_targets
     loss = model(batch)["loss_mask"]
     assert float(loss.detach()) == 0.0 and loss.requires_grad
 

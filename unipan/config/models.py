@@ -176,8 +176,9 @@ class SpatialFlowConfig:
     # P3-P7 pyramid: P6 = 3x3/2 conv of C5, P7 = 3x3/2 conv of ReLU(P6) (Sec. 3.1)
     backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(fpn_levels="p3-p7"))
     spatialflow: SpatialFlowHeadsConfig = field(default_factory=SpatialFlowHeadsConfig)
-    # Mask R-CNN's mask head on the mask-tower outputs of P3-P5 (RoIAlign 14, adaptive sampling)
-    mask_head: MaskHeadConfig = field(default_factory=lambda: MaskHeadConfig(sampling_ratio=0))
+    # Mask R-CNN's mask head on the mask-tower outputs of P3-P5 (RoIAlign 14, adaptive sampling),
+    # its targets thresholded at 0.5 (the released mmdetection code's binarised crops)
+    mask_head: MaskHeadConfig = field(default_factory=lambda: MaskHeadConfig(sampling_ratio=0, binary_targets=True))
     # the stuff head (Fig. 3): Panoptic FPN's semantic branch on the stuff-tower outputs of P3-P5;
     # loss_weight is the paper's lambda (Table 1; COCO 0.25, Cityscapes 1.0)
     stuff: SemanticFPNHeadConfig = field(default_factory=lambda: SemanticFPNHeadConfig(loss_weight=0.25))

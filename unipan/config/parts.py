@@ -116,6 +116,9 @@ class MaskHeadConfig:
     # number of 3x3 convs and their channels (Mask R-CNN: 4 x 256)
     num_convs: int = 4
     conv_dims: int = 256
+    # mask targets: each RoI's GT mask cut by RoIAlign to M x M, kept soft in [0, 1] (torchvision's
+    # `project_masks_on_boxes`; false) or thresholded at 0.5 (detectron2, mmdetection; true)
+    binary_targets: bool = False
 
 
 @dataclass

@@ -31,17 +31,26 @@ class MaskHead(nn.Module):
         pooler: multi-level RoIAlign (output M/2 x M/2).
         convs: torchvision `MaskRCNNHeads` (or `nn.Identity` without convs).
         predictor: torchvision `MaskRCNNPredictor` with T output channels.
+        binary_targets: train on the targets thresholded at 0.5 (`mask_rcnn_targets`).
 
     Attributes:
         num_things: T, the predictor's channels (one per thing index).
         in_features: the pyramid levels the pooler reads.
     """
 
-    def __init__(self, *, pooler: MultiScaleRoIAlign, convs: nn.Module, predictor: MaskRCNNPredictor) -> None:
+    def __init__(
+        self,
+        *,
+        pooler: MultiScaleRoIAlign,
+        convs: nn.Module,
+        predictor: MaskRCNNPredictor,
+        binary_targets: bool = False,
+    ) -> None:
         super().__init__()
         self.pooler = pooler
         self.convs = convs
         self.predictor = predictor
+        self.binary_targets = binary_targets
         self.num_things = int(predictor.mask_fcn_logits.out_channels)
         self.in_features = list(pooler.featmap_names)
 
@@ -102,7 +111,7 @@ class MaskHead(nn.Module):
         if sum(int(boxes.shape[0]) for boxes in rois) == 0:
             return mask_logits.sum() * 0.0
         own = self.select_class(mask_logits, torch.cat(list(thing_labels)))
-        return mask_rcnn_loss(own, rois, gt_index, gt_masks_per_image)
+        return mask_rcnn_loss(own, rois, gt_index, gt_masks_per_image, binarize=self.binary_targets)
 
 
 def mask_rcnn_loss(
@@ -110,12 +119,14 @@ def mask_rcnn_loss(
     rois: Sequence[Tensor],
     gt_index: Sequence[Tensor],
     gt_masks_per_image: Sequence[Tensor],
+    *,
+    binarize: bool = False,
 ) -> Tensor:
     """Mask R-CNN's per-pixel sigmoid cross-entropy of one mask per RoI (any mask head's).
 
     The target of each RoI is its matched GT mask cropped to the RoI and resized to M x M
-    (torchvision's `project_masks_on_boxes`). Heads that pick the channel themselves (REFINE's
-    per-iteration heads) call this directly; `MaskHead.loss` selects the own-class channel first.
+    (`mask_rcnn_targets`, thresholded at 0.5 with `binarize`). Heads that pick the channel
+    themselves call this directly; `MaskHead.loss` selects the own-class channel first.
 
     Args:
         own_logits: FloatTensor[K, M, M] mask logits of each RoI (its class's channel), the RoIs of
@@ -123,31 +134,40 @@ def mask_rcnn_loss(
         rois: per image FloatTensor[K_i, 4] (foreground) RoIs in input pixels.
         gt_index: per image LongTensor[K_i] index of the matched GT instance.
         gt_masks_per_image: per image BoolTensor[N_i, h, w] (or float) GT instance masks.
+        binarize: threshold the targets at 0.5.
 
     Returns:
         FloatTensor[] mean over K * M * M, or 0 (keeping the graph) when there is no RoI.
     """
-    targets = mask_rcnn_targets(rois, gt_index, gt_masks_per_image, int(own_logits.shape[-1]))
+    targets = mask_rcnn_targets(rois, gt_index, gt_masks_per_image, int(own_logits.shape[-1]), binarize=binarize)
     if targets.shape[0] == 0:
         return own_logits.sum() * 0.0
     return F.binary_cross_entropy_with_logits(own_logits, targets.to(own_logits.dtype))
 
 
 def mask_rcnn_targets(
-    rois: Sequence[Tensor], gt_index: Sequence[Tensor], gt_masks_per_image: Sequence[Tensor], size: int
+    rois: Sequence[Tensor],
+    gt_index: Sequence[Tensor],
+    gt_masks_per_image: Sequence[Tensor],
+    size: int,
+    *,
+    binarize: bool = False,
 ) -> Tensor:
     """The M x M mask targets of `mask_rcnn_loss`: each RoI's matched GT mask cropped and resized.
 
-    Computed once, they serve several heads on the same RoIs (REFINE's iterations).
+    Computed once, they serve several heads on the same RoIs (REFINE's iterations). The crops are
+    torchvision's `project_masks_on_boxes` (RoIAlign of the binary masks); `binarize` thresholds
+    them at 0.5, as detectron2's `BitMasks.crop_and_resize` and mmdetection's `mask_target` do.
 
     Args:
         rois: per image FloatTensor[K_i, 4] RoIs in input pixels.
         gt_index: per image LongTensor[K_i] index of the matched GT instance.
         gt_masks_per_image: per image BoolTensor[N_i, h, w] (or float) GT instance masks.
         size: M.
+        binarize: threshold the crops at 0.5 (values 0 and 1).
 
     Returns:
-        FloatTensor[sum K_i, M, M] in [0, 1] (RoIAlign of the binary masks), RoIs in order.
+        FloatTensor[sum K_i, M, M] in [0, 1], RoIs in order.
     """
     crops = [
         project_masks_on_boxes(masks, boxes, index, size)
@@ -157,7 +177,8 @@ def mask_rcnn_targets(
     if not crops:
         dtype = rois[0].dtype if len(rois) else torch.float32
         return torch.zeros((0, size, size), dtype=dtype)
-    return torch.cat(crops)
+    targets = torch.cat(crops)
+    return (targets >= 0.5).to(targets.dtype) if binarize else targets
 
 
 def build_mask_head(
@@ -171,7 +192,7 @@ def build_mask_head(
     """Mask R-CNN's mask head sized by `cfg` and the backbone.
 
     Args:
-        cfg: pooler resolution and sampling ratio, conv count and width.
+        cfg: pooler resolution and sampling ratio, conv count and width, binary targets.
         feature_shapes: {name: (channels, stride)} of the backbone; `in_features` must share one
             channel count.
         num_things: T, the number of thing classes (>= 1).
@@ -201,4 +222,4 @@ def build_mask_head(
     )
     convs: nn.Module = MaskRCNNHeads(in_channels, layers, 1) if layers else nn.Identity()
     predictor = MaskRCNNPredictor(layers[-1] if layers else in_channels, cfg.conv_dims, num_things)
-    return MaskHead(pooler=pooler, convs=convs, predictor=predictor)
+    return MaskHead(pooler=pooler, convs=convs, predictor=predictor, binary_targets=cfg.binary_targets)

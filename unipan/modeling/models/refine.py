@@ -72,6 +72,8 @@ class REFINE(PanopticModel):
         pairs_per_image: ordered occlusion training pairs kept per image.
         pair_settings: the fusion's instance_score_thresh, mask_thresh, rho and intraclass, which
             choose the candidate pairs at inference (and rho the training pairs).
+        binary_mask_targets: the IBPP iterations' mask targets thresholded at 0.5
+            (`mask_head.binary_targets`; the base mask head reads it itself).
     """
 
     def __init__(
@@ -93,6 +95,7 @@ class REFINE(PanopticModel):
         occlusion_loss_weight: float = 1.0,
         pairs_per_image: int = 128,
         pair_settings: dict[str, float | bool] | None = None,
+        binary_mask_targets: bool = False,
     ) -> None:
         super().__init__(meta=meta, size_divisibility=int(backbone.size_divisibility), fuse=fuse)
         self.check_num_classes("semantic head", semantic_head.num_classes, meta.num_classes, "stuff + things")
@@ -124,6 +127,7 @@ class REFINE(PanopticModel):
         self.pair_settings = dict(
             pair_settings or {"score_thresh": 0.5, "mask_thresh": 0.5, "rho": 0.2, "intraclass": True}
         )
+        self.binary_mask_targets = bool(binary_mask_targets)
 
     # --- shared forward --------------------------------------------------------------------------
     def _forward_heads(self, batch: Batch, targets: list[PanopticTarget] | None) -> _Heads:
@@ -199,7 +203,9 @@ class REFINE(PanopticModel):
         if heads.steps:
             size = int(heads.steps[0].own_logits.shape[-1])
             gt_masks = [t.masks for t in targets]
-            mask_targets = mask_rcnn_targets(heads.rois, heads.instances.mask_gt_index, gt_masks, size)
+            mask_targets = mask_rcnn_targets(
+                heads.rois, heads.instances.mask_gt_index, gt_masks, size, binarize=self.binary_mask_targets
+            )
             for t, (step, w) in enumerate(zip(heads.steps, self.stage_loss_weights, strict=True), start=1):
                 own = step.own_logits
                 if mask_targets.shape[0]:
@@ -438,6 +444,7 @@ def build_refine(cfg: RefineConfig, meta: DatasetMeta) -> REFINE:
             "rho": fusion.rho,
             "intraclass": fusion.intraclass,
         },
+        binary_mask_targets=cfg.mask_head.binary_targets,
     )
     if occ.occlusion_only:
         if occlusion_head is None:

@@ -6,7 +6,8 @@ classification and box regression (`heads/retina.py`), Mask R-CNN's mask head on
 over the mask sub-network's P3-P5 outputs, and Panoptic FPN's semantic branch as the stuff head over
 the stuff sub-network's P3-P5 outputs (stuff + "other" on COCO).
 
-Training losses (Eq. 4): loss_cls (sigmoid focal) + loss_box_reg (L1) + loss_mask (per-pixel BCE)
+Training losses (Eq. 4): loss_cls (sigmoid focal) + loss_box_reg (L1) + loss_mask (per-pixel BCE,
+against the GT crops thresholded at 0.5 as in the released code: `mask_head.binary_targets`)
 + lambda * loss_stuff (cross-entropy, mean over labelled pixels). The mask head learns on the
 model's own detections (detached, decoded as at inference) plus the GT boxes, every one with IoU
 >= 0.5 with a GT box (the released code).
