@@ -57,6 +57,27 @@ def test_p6_reads_c5_even_when_c5_and_fpn_widths_are_equal() -> None:
     assert not torch.allclose(out["p6"], from_p5)
 
 
+def test_p6_from_p5_reads_p5_and_is_checked() -> None:
+    """`p6_from: p5` (FCOS / AdelaiDet; SPINet's Table 4 P3-7 rows): P6 = conv(P5), P7 = conv(ReLU(P6))."""
+    torch.manual_seed(0)
+    backbone = build_backbone(tiny_cfg(base_width=16, fpn_levels="p3-p7", p6_from="p5")).eval()
+    extra = backbone.fpn.extra_blocks
+    assert extra.p6.in_channels == 32  # the FPN's width, not C5's 128
+    with torch.no_grad():
+        out = backbone(torch.randn(1, 3, 64, 96))
+        p6 = F.conv2d(out["p5"], extra.p6.weight, extra.p6.bias, stride=2, padding=1)
+        p7 = F.conv2d(F.relu(p6), extra.p7.weight, extra.p7.bias, stride=2, padding=1)
+    torch.testing.assert_close(out["p6"], p6)
+    torch.testing.assert_close(out["p7"], p7)
+    assert build_backbone(tiny_cfg(fpn_levels="p3-p7", p6_from="c5")).fpn.extra_blocks.p6.in_channels == 128
+    with pytest.raises(ValueError, match="applies to fpn_levels 'p3-p7' only"):
+        build_backbone(tiny_cfg(fpn_levels="p2-p6", p6_from="p5"))
+    with pytest.raises(ValueError, match="applies to fpn_levels 'p3-p7' only"):
+        build_backbone(tiny_cfg(fpn_levels="p2s8-p7", p6_from="c5"))
+    with pytest.raises(ValueError, match="p6_from must be"):
+        build_backbone(tiny_cfg(fpn_levels="p3-p7", p6_from="c4"))
+
+
 def _torchvision_pyramid(backbone: FPN, images: Tensor, context: GlobalContext | None) -> dict[str, Tensor]:
     """torchvision's own FeaturePyramidNetwork.forward, the context added by a hook on the coarsest
     lateral: today's ContextFPN computation without its hand-written top-down pass."""

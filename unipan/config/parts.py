@@ -51,6 +51,9 @@ class BackboneConfig:
     # P6, for RetinaNet models) | p2s8-p5, p2s8-p6, p2s8-p7 (SPINet: P2 at stride 8 = halved C2 +
     # P3; P6 = 3x3/2 conv of P5, P7 = 3x3/2 conv of ReLU(P6))
     fpn_levels: str = "p2-p6"
+    # input of P6 with fpn_levels p3-p7: c5 (RetinaNet, the default) | p5 (FCOS / AdelaiDet, SPINet's
+    # Table 4 P3-7 rows); empty = the pyramid's own (other levels fix it: p2-p6 pools P5, p2s8 reads P5)
+    p6_from: str = ""
     # trunk stem: torchvision (one 7x7 conv, loads torchvision weights) | resnet_c (three 3x3 convs
     # of base/2, base/2, base channels; He et al. 2019 "Bag of tricks") | deeplab (three 3x3 convs
     # of base, base, 2 base channels; detectron2's DeepLabStem, res2 then reads 2 base channels)

@@ -55,12 +55,19 @@ def build_backbone(cfg: BackboneConfig, *, global_context: bool = False) -> FPN:
     if cfg.fpn_levels not in FPN_LEVELS + SPINET_FPN_LEVELS:
         known = list(FPN_LEVELS + SPINET_FPN_LEVELS)
         raise ValueError(f"unknown backbone.fpn_levels {cfg.fpn_levels!r}; known: {known}")
+    if cfg.p6_from not in ("", "c5", "p5"):
+        raise ValueError(f"backbone.p6_from must be '', 'c5' or 'p5', got {cfg.p6_from!r}")
+    if cfg.p6_from and cfg.fpn_levels != "p3-p7":
+        raise ValueError(
+            f"backbone.p6_from={cfg.p6_from!r} applies to fpn_levels 'p3-p7' only, not {cfg.fpn_levels!r} "
+            "(whose P6 source is fixed)"
+        )
     trunk = build_trunk(cfg)
     if cfg.fpn_levels in SPINET_FPN_LEVELS:
         # SPINet's pyramid (P2 at stride 8); a FPN subclass with the same interface
         fpn: FPN = SPINetFPN(trunk=trunk, fpn_channels=cfg.fpn_channels, levels=cfg.fpn_levels)
     else:
-        fpn = FPN(trunk=trunk, fpn_channels=cfg.fpn_channels, levels=cfg.fpn_levels)
+        fpn = FPN(trunk=trunk, fpn_channels=cfg.fpn_channels, levels=cfg.fpn_levels, p6_from=cfg.p6_from or "c5")
     if global_context:
         # after the FPN's convs: the creation order (and so the seeded weights) of UPSNet before
         # the context moved into the backbone

@@ -60,7 +60,8 @@ class FPN(nn.Module):
     - levels "p2-p6": laterals on res2..res5, P6 = stride-2 subsampling of P5 (torchvision's
       `LastLevelMaxPool`), as Mask R-CNN's RPN uses.
     - levels "p3-p7": laterals on res3..res5 only, P6 = 3x3 stride-2 conv on C5, P7 = 3x3 stride-2
-      conv on ReLU(P6), as RetinaNet (`LastLevelP6P7FromC5`).
+      conv on ReLU(P6), as RetinaNet (`LastLevelP6P7FromC5`); with `p6_from="p5"` P6 reads P5
+      instead, as FCOS and AdelaiDet do (torchvision's `LastLevelP6P7` at equal widths).
 
     With a `global_context`, its vector (from res5) is added to the coarsest lateral before the
     top-down pass, so it reaches every level (UPSNet on COCO).
@@ -70,6 +71,7 @@ class FPN(nn.Module):
         fpn_channels: output channels of every pyramid level.
         levels: "p2-p6" or "p3-p7".
         global_context: UPSNet's context module (res5 channels -> fpn_channels), or None.
+        p6_from: "c5" or "p5", the input of P6 with levels "p3-p7" ("c5" for "p2-p6").
 
     Attributes:
         size_divisibility: input sides must be multiples of this (32: P5 has stride 32 and the
@@ -79,7 +81,8 @@ class FPN(nn.Module):
         context: the global context module, or None.
 
     Raises:
-        ValueError: for a non-positive `fpn_channels`, unknown `levels`, or a context of other widths.
+        ValueError: for a non-positive `fpn_channels`, unknown `levels` or `p6_from`, or a context
+            of other widths.
     """
 
     size_divisibility: int = 32
@@ -91,12 +94,15 @@ class FPN(nn.Module):
         fpn_channels: int = 256,
         levels: str = "p2-p6",
         global_context: GlobalContext | None = None,
+        p6_from: str = "c5",
     ) -> None:
         super().__init__()
         if fpn_channels < 1:
             raise ValueError(f"fpn_channels must be positive, got {fpn_channels}")
         if levels not in FPN_LEVELS:
             raise ValueError(f"unknown FPN levels {levels!r}; known: {list(FPN_LEVELS)}")
+        if p6_from not in ("c5", "p5") or (p6_from == "p5" and levels != "p3-p7"):
+            raise ValueError(f"p6_from={p6_from!r} with levels {levels!r}: 'p5' needs 'p3-p7', else 'c5'")
         stage_channels = dict(zip(TRUNK_STAGES, trunk.stage_channels, strict=True))
         in_stages: tuple[str, ...]
         if levels == "p2-p6":
@@ -104,7 +110,11 @@ class FPN(nn.Module):
             extra: ExtraFPNBlock = LastLevelMaxPool()
         else:
             in_stages = TRUNK_STAGES[1:]
-            extra = LastLevelP6P7FromC5(stage_channels["res5"], fpn_channels)
+            if p6_from == "p5":
+                # equal widths: torchvision's block reads P5 (its `use_P5`)
+                extra = LastLevelP6P7(fpn_channels, fpn_channels)
+            else:
+                extra = LastLevelP6P7FromC5(stage_channels["res5"], fpn_channels)
         self.trunk = trunk
         # Created after the trunk and before any context: a seeded build then draws the same
         # weights as the ResNetFPN (+ UPSNet context) of before the backbone package.
