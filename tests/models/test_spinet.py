@@ -274,6 +274,32 @@ def test_paste_mask_logits_equals_full_upsampling() -> None:
         assert crops[0].shape == (0, 0)
 
 
+@pytest.mark.parametrize("dedup", ["box_nms", "none"])
+def test_image_prediction_drops_empty_masks_before_the_top_k(dedup: str) -> None:
+    """A candidate whose stride-4 mask has no cell at the threshold is no detection and takes no
+    place among `max_detections`, however high it scores."""
+    logits = torch.full((4, 8, 8), -5.0)
+    logits[1, 1:3, 1:3] = 5.0  # two real masks, far apart
+    logits[3, 5:7, 5:7] = 5.0
+    scores = torch.tensor([0.99, 0.6, 0.98, 0.5])  # the empty ones (0, 2) score highest
+    raw = image_prediction(
+        logits,
+        torch.zeros(2, 8, 8),
+        scores,
+        torch.zeros(4, dtype=torch.long),
+        (32, 32),
+        scale=4,
+        mask_logit_thresh=0.0,
+        dedup=dedup,
+        nms_thresh=0.6,
+        max_detections=2,
+        sem_space="stuff",
+    )
+    assert raw.scores.tolist() == pytest.approx([0.6, 0.5])
+    assert raw.mask_crops is not None and all(c.numel() > 0 for c in raw.mask_crops)
+    assert raw.boxes[:, 0].tolist() == [4.0, 20.0]  # cells 1 and 5, bilinear edge at the cell border
+
+
 def test_paste_mask_logits_survives_nan_logits() -> None:
     """NaN logits (a diverged model) drop their pixels' rows and columns instead of raising."""
     logits = torch.full((1, 6, 6), -1.0)
@@ -299,7 +325,7 @@ SWITCHES = {
         ["model.spinet.multiclass_dice=false"],
         {"loss_cls", "loss_thing_dice", "loss_stuff_ce", "loss_contour", "loss_triplet"},
     ),
-    # Table 4: P.F.G P2-6 / F.S.M P3-7, and P3-7 / P3-7 on the RetinaNet pyramid
+    # Table 4: P.F.G P2-6 / F.S.M P3-7, and P3-7 / P3-7 on the RetinaNet pyramid with P6 from P5
     "t4_pfg26_fsm37": (
         [
             "model.backbone.fpn_levels=p2s8-p7",
@@ -311,6 +337,7 @@ SWITCHES = {
     "t4_p37_kernel_fusion": (
         [
             "model.backbone.fpn_levels=p3-p7",
+            "model.backbone.p6_from=p5",  # spec G4: AdelaiDet's P6 reads P5
             "model.spinet.pfg_levels=[p3,p4,p5,p6,p7]",
             "model.spinet.fsm_levels=[p3,p4,p5,p6,p7]",
             "model.spinet.dedup=kernel_fusion",

@@ -201,6 +201,9 @@ class SPINet(PanopticModel):
         }
         if s.multiclass_dice:
             losses["loss_stuff_dice"] = multiclass_dice_loss(stuff_up, sem_targets) * s.stuff_weight
+        # Table 5's separate Panoptic-Features: the shared auxiliary heads see both (spec G25), and
+        # their losses are averaged over the two, so that lambda_3 / lambda_4 weigh the same total
+        # as on the one integrated feature (G25 says "applied to both", not how to combine them)
         phis = [phi] if self.pfg_stuff is None else [phi, phi_stuff]
         if self.contour_head is not None:
             labels = torch.full_like(padded_sem_seg, -1)
@@ -433,9 +436,9 @@ def image_prediction(
 ) -> RawPrediction:
     """The inference tail of one image: the single-shot conv's logits -> its RawPrediction.
 
-    Thing masks are thresholded at stride `scale`; their boxes drive the class-wise NMS (or, with
-    dedup "none", only the score order); the kept thing logits and the stuff logits are upsampled
-    bilinearly to the padded input and cropped to the image.
+    Thing masks are thresholded at stride `scale`; empty ones are dropped; their boxes drive the
+    class-wise NMS (or, with dedup "none", only the score order); the kept thing logits and the
+    stuff logits are upsampled bilinearly to the padded input and cropped to the image.
 
     Args:
         thing_logits: FloatTensor[N, h', w'] at stride `scale` (the whole padded map).
@@ -455,10 +458,15 @@ def image_prediction(
     h, w = image_size
     padded_size = (int(stuff_logits.shape[-2]) * scale, int(stuff_logits.shape[-1]) * scale)
     boxes = logit_boxes(thing_logits, mask_logit_thresh)
+    # a mask without a cell at the threshold stays empty when upsampled (bilinear values are convex
+    # combinations of cells): not a detection, and it must not take one of the `max_detections`
+    # places (its zero box has IoU 0/0 with everything, which no NMS suppresses)
+    nonempty = torch.nonzero((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).flatten()
     if dedup == "box_nms":
-        keep = batched_nms(boxes, scores, labels, nms_thresh)[:max_detections]
+        keep = nonempty[batched_nms(boxes[nonempty], scores[nonempty], labels[nonempty], nms_thresh)]
     else:
-        keep = torch.argsort(scores, descending=True, stable=True)[:max_detections]
+        keep = nonempty[torch.argsort(scores[nonempty], descending=True, stable=True)]
+    keep = keep[:max_detections]
     kept = [thing_logits[i] for i in keep.tolist()]  # views: no copy of the kept maps
     crops, mask_boxes = paste_mask_logits(kept, boxes[keep], (h, w), mask_logit_thresh, scale)
     sem_logits = upsample_logits(stuff_logits[None], padded_size)[0, :, :h, :w]
