@@ -385,6 +385,23 @@ def test_switches_build_train_and_predict(switch: str) -> None:
     assert raw.sem_space == ("stuff+things" if cfg.model.spinet.stuff_things_channel else "stuff")
 
 
+def test_losses_are_float32_under_autocast() -> None:
+    """Spec §7: the losses in float32 under mixed precision (bfloat16 autocast on the CPU here;
+    float16 on a GPU, where sums over an image overflow), each with a finite gradient."""
+    batch, meta = synth_batch(2, size=(64, 64))
+    model = tiny_spinet(meta, "model.spinet.integrated=false").train()
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(batch)
+    assert isinstance(losses, dict)
+    assert {"loss_cls", "loss_thing_dice", "loss_stuff_ce", "loss_contour", "loss_triplet"} <= set(losses)
+    for name, loss in losses.items():
+        assert loss.dtype == torch.float32 and bool(torch.isfinite(loss)), name
+    sum(losses.values()).backward()  # type: ignore[union-attr]
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
+
+
 def test_triplet_loss_needs_two_instances() -> None:
     batch, meta = synth_batch(1, size=(64, 64))
     model = tiny_spinet(meta).train()

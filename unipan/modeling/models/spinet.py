@@ -187,13 +187,15 @@ class SPINet(PanopticModel):
         dice_terms = []
         for b, (sel, logits) in enumerate(zip(per_image, thing_logits, strict=True)):
             if sel.numel():
-                dice_terms.append(dice_loss(logits.sigmoid(), masks4[b][inst[sel]]))
+                dice_terms.append(dice_loss(logits.float().sigmoid(), masks4[b][inst[sel]]))
         zero = phi.sum() * 0.0  # a zero that keeps every loss on the graph
         loss_thing = torch.cat(dice_terms).mean() if dice_terms else zero
 
         # stuff: (bootstrapped) cross-entropy + multi-class dice at input resolution
         sem_targets = to_semantic_space(padded_sem_seg, self.meta.num_stuff, self.sem_space)
-        stuff_up = upsample_logits(stuff_logits, padded_size)
+        # every loss in float32 (spec §7): under autocast the logits and the Panoptic-Feature are
+        # half precision, whose sums over an image (dice, the triplet's pooled halves) overflow
+        stuff_up = upsample_logits(stuff_logits.float(), padded_size)
         losses = {
             "loss_cls": loss_cls * s.cls_weight,
             "loss_thing_dice": loss_thing * s.thing_weight,
@@ -212,7 +214,7 @@ class SPINet(PanopticModel):
                 labels[b, :h, :w] = t.sem_seg_with_crowd(self.meta)
             soft = contour_targets(labels, s.contour_sigma)
             alpha, gamma = s.contour_focal_alpha, s.contour_focal_gamma
-            terms = [contour_loss(self.contour_head(p), soft, labels >= 0, alpha, gamma) for p in phis]
+            terms = [contour_loss(self.contour_head(p).float(), soft, labels >= 0, alpha, gamma) for p in phis]
             losses["loss_contour"] = torch.stack(terms).mean() * s.contour_weight
         if self.triplet_head is not None:
             terms = [self._triplet_loss(p, targets, masks4) for p in phis]
@@ -240,7 +242,11 @@ class SPINet(PanopticModel):
             onehot_all.append(onehot[valid])
         num_pos = sum(int(p.shape[0]) for p in positives)
         loss = sigmoid_focal_loss(
-            torch.cat(logits_all), torch.cat(onehot_all), alpha=s.focal_alpha, gamma=s.focal_gamma, reduction="sum"
+            torch.cat(logits_all).float(),
+            torch.cat(onehot_all).float(),
+            alpha=s.focal_alpha,
+            gamma=s.focal_gamma,
+            reduction="sum",
         ) / max(num_pos, 1)
         return loss, positives
 
@@ -278,6 +284,7 @@ class SPINet(PanopticModel):
             masks4: per image FloatTensor[N_b, H/4, W/4] covered fraction of each cell.
         """
         assert self.triplet_head is not None
+        phi = phi.float()  # the pooled halves sum thousands of cells (see `losses`)
         h4, w4 = phi.shape[-2:]
         ys = torch.arange(h4, device=phi.device, dtype=phi.dtype)[:, None]
         xs = torch.arange(w4, device=phi.device, dtype=phi.dtype)[None, :]
@@ -299,7 +306,7 @@ class SPINet(PanopticModel):
             if keep.numel() < 2:
                 continue
             pooled = torch.einsum("nshw,dhw->nsd", halves[keep], phi[b]) / sizes[keep][..., None]
-            v = self.triplet_head(pooled)  # [K, 2, E]
+            v = self.triplet_head(pooled).float()  # [K, 2, E]
             k = v.shape[0]
             labels = t.labels[keep]
             # every (anchor instance i, anchor half a, negative instance j != i, negative half c)
