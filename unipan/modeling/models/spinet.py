@@ -467,7 +467,7 @@ def image_prediction(
     boxes = logit_boxes(thing_logits, mask_logit_thresh)
     # a mask without a cell at the threshold stays empty when upsampled (bilinear values are convex
     # combinations of cells): not a detection, and it must not take one of the `max_detections`
-    # places (its zero box has IoU 0/0 with everything, which no NMS suppresses)
+    # places (its zero box overlaps no box, so no NMS suppresses it)
     nonempty = torch.nonzero((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).flatten()
     if dedup == "box_nms":
         keep = nonempty[batched_nms(boxes[nonempty], scores[nonempty], labels[nonempty], nms_thresh)]
