@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,12 @@ DEFAULT_THREAD_ENV: dict[str, str] = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCO
 
 WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 """The variables that set how an idle OpenMP thread waits; the user's setting of any of them wins."""
+
+
+def wait_setting_chosen(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether the environment (default `os.environ`) sets any of `WAIT_VARIABLES`."""
+    env = os.environ if environ is None else environ
+    return any(k in env for k in WAIT_VARIABLES)
 
 
 def configure_threads(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
@@ -59,7 +65,7 @@ def configure_threads(environ: MutableMapping[str, str] | None = None) -> dict[s
         The variables it set (empty when the user had chosen a wait setting).
     """
     env = os.environ if environ is None else environ
-    if any(k in env for k in WAIT_VARIABLES):
+    if wait_setting_chosen(env):
         return {}
     added = {k: v for k, v in DEFAULT_THREAD_ENV.items() if k not in env}
     env.update(added)

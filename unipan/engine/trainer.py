@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import os
 import random
 import re
 import sys
@@ -59,7 +58,7 @@ from unipan.engine.sampler import IterationBatchSampler, SeededDataset, derive_s
 from unipan.engine.schedule import build_optimizer, build_scheduler
 from unipan.modeling.meta_arch import check_losses, model_size_divisibility
 from unipan.structures import Batch, DatasetMeta, Sample
-from unipan.threads import WAIT_VARIABLES
+from unipan.threads import wait_setting_chosen
 
 logger = logging.getLogger(__name__)
 
@@ -350,7 +349,7 @@ def _train(  # noqa: C901 - the run set-up in order, kept whole until the step i
     device = resolve_device(eng.device, local_rank)
     if eng.num_threads > 0:
         torch.set_num_threads(eng.num_threads)
-    if device.type == "cpu" and torch.get_num_threads() > 1 and not any(k in os.environ for k in WAIT_VARIABLES):
+    if device.type == "cpu" and torch.get_num_threads() > 1 and not wait_setting_chosen():
         # the `unipan` command sets the wait policy before torch loads (unipan.threads); a caller of
         # train() that imported torch first runs with torch's long-spinning OpenMP threads
         logger.info(
